@@ -1,0 +1,124 @@
+"""The Synthesizer interface every DFKD method implements, and its shared helpers.
+
+The loop (orchestrator/) only ever calls `synthesize()`, `sample()`, `state_dict()`,
+`load_state_dict()` and reads `images_synthesized`; it never asks which method it runs.
+"""
+from __future__ import annotations
+
+import abc
+import copy
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from .bank import InstanceBank
+from .config import BaseConfig, ConfigError
+from .spec import ImageSpec
+
+
+@dataclass
+class SynthesisResult:
+    """One synthesis round: the batch kept (float [0, 1], CPU), the unweighted loss
+    terms of the kept step plus their weighted "total", and (CMI only) the features
+    pushed to the memory bank."""
+
+    images: torch.Tensor
+    losses: dict[str, float]
+    features: torch.Tensor | None = None
+
+
+@contextmanager
+def eval_mode(module: nn.Module):
+    """Temporarily put `module` in eval mode: a student that scores synthetic images
+    must not update its BN running statistics with them."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+class Synthesizer(abc.ABC):
+    """Makes synthetic images for one teacher/student pair.
+
+    The teacher must be frozen: synthesizers keep it in eval mode, read its BatchNorm
+    inputs through hooks that exist only during `synthesize()`, and back-propagate only
+    into their own tensors (`backward(inputs=...)`), so neither the teacher's nor the
+    student's parameters, gradients or running statistics change. Models must already
+    be on `device`.
+    """
+
+    name: ClassVar[str]  # set by @register
+    kind: ClassVar[str]  # "generator" or "inversion"
+    Config: ClassVar[type[BaseConfig]]
+    budgets: ClassVar[dict[str, dict]]
+    # Plain data for Ray Tune (the orchestrator converts it): field -> distribution.
+    SEARCH_SPACE: ClassVar[dict[str, dict]] = {}
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, config: BaseConfig,
+                 spec: ImageSpec, bank: InstanceBank | None = None, device="cpu"):
+        if not isinstance(config, self.Config):
+            raise ConfigError(f"{self.name} needs a {self.Config.__qualname__}, got {type(config).__qualname__}")
+        self.teacher = teacher.eval()
+        self.student = student
+        self.config = config
+        self.spec = spec
+        self.bank = bank
+        self.device = torch.device(device)
+        self.images_synthesized = 0  # images kept by synthesize(): synthesis_batch_size per round
+
+    @classmethod
+    def search_space(cls) -> dict[str, dict]:
+        return copy.deepcopy(cls.SEARCH_SPACE)
+
+    @abc.abstractmethod
+    def synthesize(self) -> SynthesisResult:
+        """One round of `config.g_steps` optimisation steps on a fresh batch."""
+
+    @abc.abstractmethod
+    def sample(self, batch_size: int) -> torch.Tensor:
+        """Images for one KD step: float [0, 1], (batch_size, C, H, W), on `device`."""
+
+    def on_student_updated(self) -> None:
+        """Called by the loop after student updates (shared mode publishes weights)."""
+
+    def state_dict(self) -> dict:
+        return {"images_synthesized": self.images_synthesized}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.images_synthesized = int(state["images_synthesized"])
+
+    # -- helpers for subclasses -------------------------------------------------------
+
+    @property
+    def uses_student(self) -> bool:
+        """The student takes part in synthesis only through an adversarial term; with
+        weight 0 the reference skips its forward pass, and so do we."""
+        return getattr(self.config, "adv", 0.0) > 0
+
+    def weighted_total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        weights = self.config.weights()
+        return sum(weights[name] * value for name, value in terms.items())
+
+    @staticmethod
+    def report(terms: dict[str, torch.Tensor], total: torch.Tensor) -> dict[str, float]:
+        """Unweighted terms plus the weighted total, as floats (NaN stays NaN: the loop
+        decides what a non-finite loss means)."""
+        out = {name: float(value.detach()) for name, value in terms.items()}
+        out["total"] = float(total.detach())
+        return out
+
+    def random_targets(self) -> torch.Tensor:
+        """Uniform class targets, sorted (only so that image grids read class by class)."""
+        targets = torch.randint(0, self.spec.num_classes, (self.config.synthesis_batch_size,))
+        return targets.sort().values.to(self.device)
+
+
+def is_better(loss: float, best: float) -> bool:
+    """Strictly lower; a NaN never replaces the first iterate, which is kept instead."""
+    return not math.isnan(loss) and loss < best

@@ -1,0 +1,181 @@
+"""CMI: a freshly initialised generator and latent code per batch, optimised so the
+images invert the teacher (BN statistics, target classes, adversarial to the student)
+and are distinguishable from each other and from all earlier batches, measured by a
+contrastive loss on the teacher's features."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import create_generator
+
+from .augment import crop_and_flip, resized_crop_and_flip
+from .base import SynthesisResult, eval_mode, is_better
+from .budgets import inversion_budgets
+from .config import BaseConfig, override, param, weight
+from .hooks import BatchNormHooks
+from .inversion import InversionSynthesizer
+from .losses import info_nce, kl_div
+from .registry import register
+
+# The reference scores the adversarial term with KL at T=1, whatever the KD T is.
+ADV_TEMPERATURE = 1.0
+
+
+@dataclass(frozen=True)
+class CMIConfig(BaseConfig):
+    """Published preset (CIFAR-10, wrn40_2 -> wrn16_1): 200 generator steps per batch of
+    256, one batch per 400 student steps on batches of 128; adv 0.5, bn 1, oh 1,
+    cr 0.8, cr_T 0.1; memory bank 40960, 4096 negatives, head dim 256; KD at T=20."""
+
+    kd_steps: int = override(BaseConfig, "kd_steps", 400)
+    g_steps: int = override(BaseConfig, "g_steps", 200)
+    batch_size: int = override(BaseConfig, "batch_size", 128)
+    lr_g: float = override(BaseConfig, "lr_g", 1e-3)
+    adv: float = weight(0.5, "negative student/teacher KL where their classes agree")
+    bn: float = weight(1.0, "distance to the teacher's BN running statistics")
+    oh: float = weight(1.0, "cross-entropy against sampled target classes")
+    cr: float = weight(0.8, "contrastive (InfoNCE) loss between views and the bank")
+    cr_T: float = param(0.1, gt=0, help="InfoNCE temperature")
+    latent_dim: int = param(256, ge=1, help="generator latent size")
+    bank_size: int = param(40960, ge=1, help="feature memory bank capacity")
+    n_neg: int = param(4096, ge=1, help="negatives drawn from the bank per step")
+    head_dim: int = param(256, ge=1, help="projection head output size")
+
+
+class ProjectionHead(nn.Module):
+    """Linear(D, D) - ReLU - Linear(D, head_dim), then L2 normalisation."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim_in, dim_in), nn.ReLU(), nn.Linear(dim_in, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), dim=1)
+
+
+def contrastive_loss(head: ProjectionHead, local: torch.Tensor, global_: torch.Tensor,
+                     cached_local: torch.Tensor, cached_global: torch.Tensor, T: float) -> torch.Tensor:
+    """InfoNCE over the current batch plus the bank's entries: each local view must find
+    its own global view among all global views (current and cached). The global side is
+    a detached target, as in the reference, so gradients reach the images through the
+    local views. The current batch and the cached rows are averaged separately so that
+    4096 cached rows do not dilute the batch's gradient."""
+    n = len(local)
+    proj = head(torch.cat([local, cached_local, global_, cached_global]))
+    proj_local, proj_global = proj.chunk(2)
+    per_row = info_nce(proj_local, proj_global.detach(), T)
+    loss = per_row[:n].mean()
+    if len(per_row) > n:
+        loss = loss + per_row[n:].mean()
+    return loss
+
+
+@register("cmi")
+class CMI(InversionSynthesizer):
+    """Fang et al., "Contrastive Model Inversion for Data-Free Knowledge Distillation",
+    IJCAI 2021.
+
+    Memory-bank entries are [local, global] instance-mean features (2 x the sum of the
+    teacher's BN channels), as in the reference: both halves of cached entries take
+    part in the InfoNCE.
+    """
+
+    Config = CMIConfig
+    budgets = inversion_budgets(cpu_g_steps=20, bank_size=64, n_neg=16)
+    SEARCH_SPACE = {
+        "lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+        "adv": {"type": "uniform", "low": 0.0, "high": 2.0},
+        "bn": {"type": "loguniform", "low": 0.1, "high": 10.0},
+        "oh": {"type": "uniform", "low": 0.0, "high": 2.0},
+        "cr": {"type": "uniform", "low": 0.0, "high": 2.0},
+        "cr_T": {"type": "loguniform", "low": 0.02, "high": 1.0},
+    }
+
+    def __init__(self, teacher, student, config, spec, bank=None, device="cpu"):
+        super().__init__(teacher, student, config, spec, bank, device)
+        self.generator = create_generator(
+            "generator", config.latent_dim, spec.image_size, spec.channels).to(self.device)
+        hooks = BatchNormHooks(teacher)
+        self.feature_dim = hooks.feature_dim  # sum of the teacher's BN channels
+        hooks.remove()
+        # The head persists across batches (only generator and z restart), with its
+        # own Adam at lr_g and default betas, as in the reference.
+        self.head = ProjectionHead(self.feature_dim, config.head_dim).to(self.device)
+        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=config.lr_g)
+
+    def cached_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random [local | global] rows of the memory bank, split into halves."""
+        cached = self.bank.negatives(self.config.n_neg).to(self.device)
+        if len(cached) == 0:
+            empty = torch.empty(0, self.feature_dim, device=self.device)
+            return empty, empty
+        if cached.shape[1] != 2 * self.feature_dim:
+            raise ValueError(f"memory bank holds {cached.shape[1]}-d features; this teacher "
+                             f"gives {2 * self.feature_dim} ([local, global])")
+        return cached.chunk(2, dim=1)
+
+    def synthesize(self) -> SynthesisResult:
+        cfg, spec = self.config, self.spec
+        self.teacher.eval()
+        targets = self.random_targets()
+        # A new starting point for every batch: fresh generator weights and latent code.
+        self.generator.reinitialize()
+        self.generator.train()
+        z = torch.randn(cfg.synthesis_batch_size, cfg.latent_dim, device=self.device, requires_grad=True)
+        optimizer = torch.optim.Adam([{"params": self.generator.parameters()}, {"params": [z]}],
+                                     lr=cfg.lr_g, betas=(0.5, 0.999))
+        params = [*self.generator.parameters(), z, *self.head.parameters()]
+        best = None
+        best_loss = math.inf
+        with BatchNormHooks(self.teacher) as hooks, eval_mode(self.student):
+            for _ in range(cfg.g_steps):
+                images = self.generator(z)
+                global_view = spec.normalize(crop_and_flip(images))
+                local_view = spec.normalize(resized_crop_and_flip(images))
+                t_logits = self.teacher(global_view)
+                terms = {"bn": hooks.bn_loss(), "oh": F.cross_entropy(t_logits, targets)}
+                global_feat = hooks.features()
+                if self.uses_student:
+                    s_logits = self.student(global_view)
+                    # Only where student and teacher agree: push the student away from the
+                    # teacher without changing which class the image shows.
+                    agree = (s_logits.argmax(1) == t_logits.argmax(1)).float()
+                    kl = kl_div(s_logits, t_logits, ADV_TEMPERATURE, reduction="per_sample")
+                    terms["adv"] = -(kl * agree).mean()
+                self.teacher(local_view)
+                local_feat = hooks.features()
+                cached_local, cached_global = self.cached_features()
+                terms["cr"] = contrastive_loss(self.head, local_feat, global_feat,
+                                               cached_local, cached_global, cfg.cr_T)
+                total = self.weighted_total(terms)
+                loss = float(total.detach())
+                if best is None or is_better(loss, best_loss):
+                    best_loss = loss
+                    best = (images.detach().clone(),
+                            torch.cat([local_feat, global_feat], dim=1).detach().clone(),
+                            self.report(terms, total))
+                optimizer.zero_grad(set_to_none=True)
+                self.head_optimizer.zero_grad(set_to_none=True)
+                total.backward(inputs=params)
+                optimizer.step()
+                self.head_optimizer.step()
+        best_images, best_features, report = best
+        images = self.keep(best_images, targets, best_features)
+        return SynthesisResult(images, report, best_features.cpu())
+
+    def state_dict(self) -> dict:
+        # The generator restarts every batch, so its weights matter only for inspection;
+        # the head and its optimizer carry state across batches.
+        return {**super().state_dict(), "generator": self.generator.state_dict(),
+                "head": self.head.state_dict(), "head_optimizer": self.head_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.generator.load_state_dict(state["generator"])
+        self.head.load_state_dict(state["head"])
+        self.head_optimizer.load_state_dict(state["head_optimizer"])

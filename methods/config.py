@@ -1,0 +1,138 @@
+"""Method configurations: frozen dataclasses whose defaults are the published preset.
+
+Every method's `Config` extends `BaseConfig`. A field's constraints sit in its metadata
+(`gt`, `ge`, `le`, `choices`), so one `validate()` checks every method, and each
+config checks itself on construction: `Config(**asdict(cfg))` round-trips, and a bad
+value can never reach a synthesizer.
+
+    cfg = make_config("cmi", budget="cpu", overrides={"lr_g": "3e-3", "g_steps": 40})
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is one line saying what and how to fix it."""
+
+
+BUDGETS = ("smoke", "cpu", "paper")
+
+
+def param(default, *, gt=None, ge=None, le=None, choices=None, help: str = "", weight: bool = False):
+    """A config field with its valid range; `help` documents it. `weight=True` marks a
+    loss weight: the field's name is the name of the loss term it scales."""
+    meta = {k: v for k, v in dict(gt=gt, ge=ge, le=le, choices=choices, help=help).items()
+            if v is not None}
+    if weight:
+        meta["weight"] = True
+    return field(default=default, metadata=meta)
+
+
+def weight(default: float, help: str = ""):
+    """A non-negative loss weight named after its loss term."""
+    return param(float(default), ge=0, help=help, weight=True)
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Fields every method has: the loop's schedule, batch sizes, optimisers, KD loss."""
+
+    epochs: int = param(200, ge=1, help="training epochs")
+    ep_steps: int = param(400, ge=1, help="student updates per epoch")
+    kd_steps: int = param(400, ge=1, help="student updates after each synthesis round")
+    g_steps: int = param(1, ge=1, help="optimisation steps per synthesis round")
+    batch_size: int = param(256, ge=1, help="KD batch size")
+    synthesis_batch_size: int = param(256, ge=1, help="images per synthesis round")
+    lr: float = param(0.1, gt=0, help="student learning rate (SGD)")
+    lr_g: float = param(1e-3, gt=0, help="synthesis learning rate (Adam)")
+    T: float = param(20.0, gt=0, help="KD temperature")
+    kd_criterion: str = param("kl", choices=("kl", "l1"), help="student KD loss")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _check_type(f.name, hints[f.name], getattr(self, f.name))
+            # Frozen: store the coerced value (an int given for a float field) this way.
+            object.__setattr__(self, f.name, value)
+            _check_range(f, value)
+        if self.kd_steps > self.ep_steps:
+            raise ConfigError(f"kd_steps ({self.kd_steps}) must not exceed ep_steps ({self.ep_steps}): "
+                              "each epoch runs ep_steps // kd_steps synthesis rounds")
+
+    def weights(self) -> dict[str, float]:
+        """Loss weights by term name; a method's loss term `x` is weighted by field `x`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("weight")}
+
+
+def override(base: type, name: str, default):
+    """Redeclare field `name` of `base` with a new default, keeping its constraints."""
+    return field(default=default, metadata=base.__dataclass_fields__[name].metadata)
+
+
+def _check_type(name: str, kind: type, value: Any) -> Any:
+    # bool is an int subclass; `True` steps or weights are always a typo.
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is bool and isinstance(value, bool):
+        return value
+    raise ConfigError(f"{name} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _check_range(f: dataclasses.Field, value: Any) -> None:
+    m = f.metadata
+    if "gt" in m and not value > m["gt"]:
+        raise ConfigError(f"{f.name} must be > {m['gt']}, got {value!r}")
+    if "ge" in m and not value >= m["ge"]:
+        raise ConfigError(f"{f.name} must be >= {m['ge']}, got {value!r}")
+    if "le" in m and not value <= m["le"]:
+        raise ConfigError(f"{f.name} must be <= {m['le']}, got {value!r}")
+    if "choices" in m and value not in m["choices"]:
+        raise ConfigError(f"{f.name} must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
+
+
+def parse_value(name: str, kind: type, text: str) -> Any:
+    """Parse a `--set key=value` string to the field's type."""
+    text = text.strip()
+    try:
+        if kind is int:
+            number = float(text)  # accepts "1e3"; must still be a whole number
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if kind is float:
+            return float(text)
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{name} must be {kind.__name__}, got {text!r}") from None
+    return text
+
+
+def apply_overrides(config_cls: type, values: Mapping[str, Any], overrides: Mapping[str, Any]):
+    """`config_cls(**values, **overrides)`, with string overrides parsed and clear errors."""
+    hints = typing.get_type_hints(config_cls)
+    known = [f.name for f in dataclasses.fields(config_cls)]
+    merged = dict(values)
+    for key, value in overrides.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {key!r} for {config_cls.__qualname__}; "
+                              f"valid: {', '.join(known)}")
+        merged[key] = parse_value(key, hints[key], value) if isinstance(value, str) else value
+    return config_cls(**merged)

@@ -1,0 +1,72 @@
+"""Forward hooks on the teacher's BatchNorm2d layers.
+
+DeepInversion's BN prior and CMI's contrastive features both read the input of every
+BatchNorm2d. The hooks live only inside a `with BatchNormHooks(teacher) as hooks:` block,
+so the KD steps of the loop (and other synthesizers sharing the teacher) pay nothing.
+They only read: the teacher stays in eval mode and its running statistics never change.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class BatchNormStatsHook:
+    """Records, for the last forward through one BatchNorm2d, the distance of the batch
+    statistics of its input to the layer's running statistics (DeepInversion's
+    R_feature) and the per-sample channel means (CMI's instance features)."""
+
+    def __init__(self, module: nn.BatchNorm2d):
+        self.module = module
+        self.r_feature: torch.Tensor | None = None
+        self.instance_mean: torch.Tensor | None = None
+        self._handle = module.register_forward_hook(self._record)
+
+    def _record(self, module: nn.BatchNorm2d, inputs, output) -> None:
+        x = inputs[0]
+        mean = x.mean(dim=(0, 2, 3))
+        # Biased variance: the normalisation a BN layer applies in training mode.
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        self.r_feature = (torch.linalg.vector_norm(mean - module.running_mean)
+                          + torch.linalg.vector_norm(var - module.running_var))
+        self.instance_mean = x.mean(dim=(2, 3))
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class BatchNormHooks:
+    """One `BatchNormStatsHook` per BatchNorm2d of `model`, in module order."""
+
+    def __init__(self, model: nn.Module):
+        self.hooks = [BatchNormStatsHook(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not self.hooks:
+            raise ValueError("the teacher has no BatchNorm2d layer to read statistics from")
+
+    def __enter__(self) -> "BatchNormHooks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __iter__(self):
+        return iter(self.hooks)
+
+    def __len__(self) -> int:
+        return len(self.hooks)
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def bn_loss(self) -> torch.Tensor:
+        from .losses import bn_loss
+        return bn_loss(self.hooks)
+
+    def features(self) -> torch.Tensor:
+        """(B, sum of BN channels): instance means of every hooked layer, concatenated."""
+        return torch.cat([h.instance_mean for h in self.hooks], dim=1)
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(h.module.num_features for h in self.hooks)

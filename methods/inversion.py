@@ -1,0 +1,41 @@
+"""Shared machinery of the inversion methods (DeepInversion, CMI): each round optimises
+one batch from scratch, keeps its lowest-loss iterate in the instance bank, and KD steps
+sample the whole pool of kept batches with the dataset's training augmentation."""
+from __future__ import annotations
+
+import torch
+
+from .augment import crop_and_flip
+from .bank import InstanceBank, from_uint8, to_uint8
+from .base import Synthesizer
+
+
+class InversionSynthesizer(Synthesizer):
+    kind = "inversion"
+
+    def __init__(self, teacher, student, config, spec, bank=None, device="cpu"):
+        super().__init__(teacher, student, config, spec, bank, device)
+        if self.bank is None:
+            self.bank = InstanceBank(capacity_features=getattr(config, "bank_size", 40960))
+
+    def keep(self, images: torch.Tensor, targets: torch.Tensor,
+             features: torch.Tensor | None = None) -> torch.Tensor:
+        """Push a kept batch (float [0, 1]) to the bank; returns it on the CPU."""
+        images = images.detach().clamp(0, 1).cpu()
+        self.bank.add(to_uint8(images), targets.cpu(),
+                      None if features is None else features.detach().cpu())
+        self.images_synthesized += len(images)
+        return images
+
+    def sample(self, batch_size: int) -> torch.Tensor:
+        # The reference reads its pool back through the dataset's training transforms
+        # (random crop with padding 4, horizontal flip); the same, per image, on device.
+        x = from_uint8(self.bank.sample(batch_size)).to(self.device)
+        return crop_and_flip(x)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "bank": self.bank.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.bank.load_state_dict(state["bank"])

@@ -1,0 +1,113 @@
+"""Loss terms shared by the DFKD methods (and `kd_loss`, shared with the KD loop).
+
+Every function takes logits or features and returns a scalar tensor unless said
+otherwise. Sign conventions: each function returns the quantity the synthesizer
+*minimises*, so maximised objectives (class balance, activation) come back negated.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_div(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 1.0,
+           reduction: str = "batchmean") -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) * T^2 (Hinton et al. scaling keeps gradients at
+    the same size across temperatures). `reduction`: "batchmean" -> scalar,
+    "per_sample" -> (B,) sums over classes."""
+    log_q = F.log_softmax(student_logits / T, dim=1)
+    log_p = F.log_softmax(teacher_logits / T, dim=1)
+    per_sample = (log_p.exp() * (log_p - log_q)).sum(dim=1) * (T * T)
+    if reduction == "per_sample":
+        return per_sample
+    if reduction == "batchmean":
+        return per_sample.mean()
+    raise ValueError(f"reduction must be 'batchmean' or 'per_sample', got {reduction!r}")
+
+
+def js_div(p_logits: torch.Tensor, q_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """Jensen-Shannon divergence between softmax(p/T) and softmax(q/T), batch mean.
+
+    Computed in log space (log M = logsumexp of the two) so no probability clamp is
+    needed; the public DeepInversion code clamps to [0.01, 0.99] for the same reason.
+    """
+    log_p = F.log_softmax(p_logits / T, dim=1)
+    log_q = F.log_softmax(q_logits / T, dim=1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(dim=1)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(dim=1)
+    return (0.5 * (kl_pm + kl_qm)).mean()
+
+
+def _l1_logits(student_logits, teacher_logits, T):
+    # DFAD's criterion: mean absolute difference of the raw logits (T plays no part).
+    return F.l1_loss(student_logits, teacher_logits)
+
+
+KD_CRITERIA: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "kl": lambda s, t, T: kl_div(s, t, T),
+    "l1": _l1_logits,
+}
+
+
+def kd_loss(criterion: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            T: float) -> torch.Tensor:
+    """The student's distillation loss ("kl" at temperature T, or "l1" on logits); the
+    generator methods' adversarial term is its negative."""
+    try:
+        fn = KD_CRITERIA[criterion]
+    except KeyError:
+        raise ValueError(f"unknown kd criterion {criterion!r}; known: {', '.join(KD_CRITERIA)}") from None
+    return fn(student_logits, teacher_logits, T)
+
+
+def bn_loss(hooks: Iterable) -> torch.Tensor:
+    """DeepInversion's feature-statistics prior: sum over BN layers of
+    ||mu_batch - mu_running||_2 + ||var_batch - var_running||_2 (see hooks.py)."""
+    return sum(h.r_feature for h in hooks)
+
+
+def total_variation(x: torch.Tensor, p: int = 1) -> torch.Tensor:
+    """Image smoothness prior over horizontal, vertical and both diagonal neighbours.
+
+    p=1: sum over the four directions of the mean absolute difference (the variant the
+    CMI benchmark code's DeepInversion uses; it does not grow with batch or image size,
+    which is what its tv weight of 0.001 is calibrated for). p=2: sum of the four
+    Frobenius norms (the original DeepInversion "l2" variant).
+    """
+    diffs = (x[:, :, :, :-1] - x[:, :, :, 1:],
+             x[:, :, :-1, :] - x[:, :, 1:, :],
+             x[:, :, 1:, :-1] - x[:, :, :-1, 1:],
+             x[:, :, :-1, :-1] - x[:, :, 1:, 1:])
+    if p == 1:
+        return sum(d.abs().mean() for d in diffs)
+    if p == 2:
+        return sum(torch.linalg.vector_norm(d) for d in diffs)
+    raise ValueError(f"p must be 1 or 2, got {p}")
+
+
+def class_balance_loss(logits: torch.Tensor) -> torch.Tensor:
+    """sum_c p_c log p_c of the batch-mean softmax: minimising it maximises the entropy
+    of the predicted class distribution (DAFL's information-entropy loss)."""
+    p = F.softmax(logits, dim=1).mean(dim=0)
+    return (p * torch.log(p)).sum()
+
+
+def activation_loss(features: torch.Tensor) -> torch.Tensor:
+    """DAFL: real images excite the teacher's penultimate features strongly."""
+    return -features.abs().mean()
+
+
+def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-row InfoNCE: row i of `anchors` must pick row i of `positives` among all rows.
+
+    Both inputs are L2-normalised (N, D); returns the (N,) cross-entropies of the cosine
+    similarity logits / temperature, so the caller decides how to average (CMI averages
+    the current batch and the memory-bank rows separately).
+    """
+    logits = anchors @ positives.t() / temperature
+    labels = torch.arange(len(anchors), device=anchors.device)
+    return F.cross_entropy(logits, labels, reduction="none")

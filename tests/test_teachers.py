@@ -1,0 +1,95 @@
+"""The teachers CLI: trains, caches with metadata, reuses, and refuses bad checkpoints."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from orchestrator import teachers
+from orchestrator.checkpoints import load_classifier
+from orchestrator.cli import UsageError
+from tests.test_datasets import make_mnist_like
+
+
+def run(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        teachers.run_cli(teachers.main, argv)
+    return exit_info.value.code
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    make_mnist_like(tmp_path / "data" / "mnist", n=64)
+    return tmp_path / "data"
+
+
+def test_trains_caches_and_reuses(tiny_mnist, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    argv = ["--dataset", "mnist", "--arch", "resnet8", "--epochs", "1", "--batch-size", "32",
+            "--device", "cpu", "--out", str(out), "--data-root", str(tiny_mnist)]
+    assert run(argv) == 0
+    path = out / "mnist-resnet8.pt"
+    model, meta = load_classifier(path, dataset="mnist", num_classes=10, channels=1)
+    assert meta["arch"] == "resnet8" and meta["image_size"] == 32 and meta["recipe"]["epochs"] == 1
+    assert meta["mean"] == [0.1307] and 0.0 <= meta["accuracy"] <= 100.0
+    first = capsys.readouterr().out
+    assert "training resnet8" in first and "test accuracy" in first
+    stamp = path.stat().st_mtime_ns
+    assert run(argv) == 0
+    assert "reusing" in capsys.readouterr().out and path.stat().st_mtime_ns == stamp
+
+
+def test_wrong_dataset_or_channels_refused(tiny_mnist, tmp_path):
+    from models import create_model
+    from orchestrator.checkpoints import save_classifier
+
+    path = save_classifier(tmp_path / "c.pt", create_model("resnet8", 10, in_channels=1),
+                           {"dataset": "mnist", "arch": "resnet8", "num_classes": 10, "channels": 1,
+                            "image_size": 32, "accuracy": 50.0})
+    with pytest.raises(UsageError, match="dataset='mnist'"):
+        load_classifier(path, dataset="cifar10")
+    with pytest.raises(UsageError, match="channels=1"):
+        load_classifier(path, channels=3)
+    with pytest.raises(UsageError, match="num_classes=10"):
+        load_classifier(path, num_classes=100)
+
+
+def test_corrupt_checkpoint_is_one_message_exit_2(tiny_mnist, tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "mnist-resnet8.pt").write_bytes(b"\x00garbage")
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.teachers", "--dataset", "mnist", "--arch", "resnet8",
+                           "--out", str(out), "--data-root", str(tiny_mnist), "--device", "cpu"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "cannot read checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_pickled_object_checkpoint_refused(tmp_path):
+    # weights_only=True: a checkpoint holding arbitrary objects is refused, never executed.
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "meta": {"x": object()}}, path)
+    with pytest.raises(UsageError, match="cannot read checkpoint"):
+        load_classifier(path)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--dataset", "imagenet"], "known datasets"),
+    (["--arch", "resnet1000"], "known models"),
+    (["--epochs", "0"], "epochs"),
+    (["--lr", "-1"], "lr"),
+    (["--device", "tpu"], "--device"),
+])
+def test_bad_input_exit_2(argv, needle, capsys):
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_missing_data_names_where_it_looked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run(["--dataset", "cifar100", "--arch", "resnet8", "--data-root", str(tmp_path / "none"),
+                "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not found; looked in" in err and "none" in err
