@@ -1,0 +1,388 @@
+"""Tests for methods/: every registered DFKD method end to end on tiny CPU models, the
+shared losses, augmentation and instance bank, and config validation.
+
+    .venv/bin/python -m pytest tests/test_methods.py -q
+"""
+import copy
+import dataclasses
+import inspect
+import io
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+from methods import (
+    BUDGETS,
+    ConfigError,
+    ImageSpec,
+    InstanceBank,
+    UnknownMethodError,
+    create_synthesizer,
+    from_uint8,
+    get_method,
+    kd_loss,
+    list_methods,
+    make_config,
+    to_uint8,
+)
+from methods import augment, losses
+from methods.cmi import contrastive_loss
+from methods.hooks import BatchNormHooks
+from models import create_model
+
+METHODS = ["dafl", "zskt", "dfad", "deepinv", "dfq", "cmi"]
+SPEC = ImageSpec(num_classes=10, channels=3, image_size=32,
+                 mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
+
+
+def calibrated_resnet8(seed: int) -> nn.Module:
+    """A resnet8 whose BN running statistics come from a few train-mode passes on random
+    data, so that the BN prior has something to match."""
+    torch.manual_seed(seed)
+    model = create_model("resnet8", num_classes=10)
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(16, 3, 32, 32) * 0.8 + 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return calibrated_resnet8(0)
+
+
+@pytest.fixture(scope="module")
+def student():
+    torch.manual_seed(1)
+    return create_model("resnet8", num_classes=10).train()
+
+
+def snapshot(module: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- registry ------------------------------------------------------------------------
+
+def test_registry_names_modules_and_citations():
+    assert list_methods() == METHODS
+    for name in METHODS:
+        cls = get_method(name)
+        assert cls.name == name
+        assert cls.__module__ == f"methods.{name}"  # module name = registry name
+        assert cls.kind == ("inversion" if name in ("deepinv", "cmi") else "generator")
+        assert re.search(r"(19|20)\d\d", cls.__doc__), f"{name} must cite its paper"
+        assert set(cls.budgets) == {"smoke", "cpu"}
+    with pytest.raises(UnknownMethodError, match="known methods: dafl, zskt"):
+        get_method("cmii")
+
+
+# -- every method end to end -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", METHODS)
+def test_synthesize_sample_and_kd_step(name, teacher, student):
+    cfg = make_config(name, "smoke")
+    teacher_before, student_before = snapshot(teacher), snapshot(student)
+    torch.manual_seed(0)
+    synth = create_synthesizer(name, teacher, student, cfg, SPEC)
+    for _ in range(2):  # the second round sees a non-empty bank (CMI negatives)
+        result = synth.synthesize()
+        assert result.images.shape == (cfg.synthesis_batch_size, 3, 32, 32)
+        assert result.images.min() >= 0 and result.images.max() <= 1
+        assert "total" in result.losses and len(result.losses) >= 2
+        assert all(math.isfinite(v) for v in result.losses.values()), result.losses
+    assert synth.images_synthesized == 2 * cfg.synthesis_batch_size
+    x = synth.sample(cfg.batch_size)
+    assert x.shape == (cfg.batch_size, 3, 32, 32) and x.min() >= 0 and x.max() <= 1
+    # Synthesis touched neither network: weights, BN statistics, gradients, mode.
+    assert same_state(snapshot(teacher), teacher_before)
+    assert same_state(snapshot(student), student_before)
+    assert all(p.grad is None for p in [*teacher.parameters(), *student.parameters()])
+    assert student.training and not teacher.training
+    assert not any(m._forward_hooks for m in teacher.modules())  # hooks removed
+    # One KD step on the sampled batch, as the loop does it.
+    s = copy.deepcopy(student)
+    with torch.no_grad():
+        t_logits = teacher(SPEC.normalize(x))
+    loss = kd_loss(cfg.kd_criterion, s(SPEC.normalize(x)), t_logits, cfg.T)
+    loss.backward()
+    assert math.isfinite(loss.item())
+
+
+@pytest.mark.parametrize("name", ["deepinv", "cmi"])
+def test_inversion_lowers_bn_loss(name, teacher, student):
+    def bn_after(g_steps):
+        cfg = make_config(name, "smoke", {"g_steps": g_steps, "adv": 0.0, "lr_g": 0.1 if name == "deepinv" else 0.01})
+        torch.manual_seed(3)
+        return create_synthesizer(name, teacher, student, cfg, SPEC).synthesize().losses["bn"]
+
+    start, end = bn_after(1), bn_after(30)
+    assert end < 0.7 * start, (start, end)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_same_seed_same_images_and_weights(name, teacher, student):
+    def run():
+        torch.manual_seed(7)
+        synth = create_synthesizer(name, teacher, student, make_config(name, "smoke"), SPEC)
+        images = [synth.synthesize().images for _ in range(2)]
+        return images, synth.state_dict()
+
+    (images_a, state_a), (images_b, state_b) = run(), run()
+    assert all(torch.equal(a, b) for a, b in zip(images_a, images_b))
+    flat_a, flat_b = _flatten(state_a), _flatten(state_b)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        a, b = flat_a[key], flat_b[key]
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, key
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}/{k}"))
+        return out
+    if isinstance(tree, (list, tuple)):
+        return _flatten(dict(enumerate(tree)), prefix)
+    return {prefix: tree}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_nan_teacher_is_reported_not_raised(name, teacher, student):
+    broken = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for m in broken.modules():
+            if isinstance(m, nn.Linear):
+                m.bias.fill_(float("nan"))
+    synth = create_synthesizer(name, broken, student, make_config(name, "smoke"), SPEC)
+    losses_ = synth.synthesize().losses
+    assert any(math.isnan(v) for v in losses_.values()), losses_
+
+
+@pytest.mark.parametrize("name", ["dafl", "cmi"])
+def test_synthesizer_state_dict_round_trip(name, teacher, student):
+    cfg = make_config(name, "smoke")
+    torch.manual_seed(0)
+    synth = create_synthesizer(name, teacher, student, cfg, SPEC)
+    synth.synthesize()
+    buffer = io.BytesIO()
+    torch.save(synth.state_dict(), buffer)  # the loop's checkpoint format
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    fresh = create_synthesizer(name, teacher, student, cfg, SPEC)
+    fresh.load_state_dict(state)
+    assert fresh.images_synthesized == synth.images_synthesized
+    a, b = _flatten(fresh.state_dict()), _flatten(synth.state_dict())
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+
+
+# -- CMI -----------------------------------------------------------------------------------
+
+def test_cmi_memory_bank_fills(teacher, student):
+    cfg = make_config("cmi", "smoke", {"bank_size": 1000})
+    synth = create_synthesizer("cmi", teacher, student, cfg, SPEC)
+    dim = sum(m.num_features for m in teacher.modules() if isinstance(m, nn.BatchNorm2d))
+    for k in range(1, 4):
+        result = synth.synthesize()
+        assert synth.bank.num_features() == len(synth.bank) == k * cfg.synthesis_batch_size
+        assert result.features.shape == (cfg.synthesis_batch_size, 2 * dim)  # [local, global]
+    assert synth.bank.negatives(5).shape == (5, 2 * dim)
+
+
+def test_cmi_contrastive_loss_prefers_true_pairs(teacher, student):
+    synth = create_synthesizer("cmi", teacher, student, make_config("cmi", "smoke"), SPEC)
+    torch.manual_seed(0)
+    # Distinct images: smooth random colour fields.
+    images = torch.nn.functional.interpolate(torch.rand(16, 3, 4, 4), size=32, mode="bilinear")
+    with BatchNormHooks(teacher) as hooks, torch.no_grad():
+        teacher(SPEC.normalize(augment.crop_and_flip(images)))
+        global_feat = hooks.features()
+        teacher(SPEC.normalize(augment.resized_crop_and_flip(images)))
+        local_feat = hooks.features()
+        empty = torch.empty(0, synth.feature_dim)
+        paired = contrastive_loss(synth.head, local_feat, global_feat, empty, empty, 0.1)
+        shuffled = contrastive_loss(synth.head, local_feat, global_feat.roll(1, dims=0), empty, empty, 0.1)
+        direct = losses.info_nce(synth.head(local_feat), synth.head(global_feat), 0.1).mean()
+    assert paired < shuffled
+    assert torch.allclose(paired, direct)
+
+
+# -- augmentation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn", [
+    augment.random_crop_with_padding, augment.random_resized_crop, augment.random_hflip,
+    augment.jitter_and_flip, augment.crop_and_flip,
+])
+def test_augmentation_draws_per_image_and_passes_gradients(fn):
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32).repeat(16, 1, 1, 1).requires_grad_()
+    out = fn(x)
+    assert out.shape == x.shape
+    assert not all(torch.equal(out[0], out[i]) for i in range(1, 16))
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_crop_and_roll_move_pixels_exactly():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float).view(2, 3, 8, 8)
+    rolled = augment.random_roll(x, 2, 2)
+    for i in range(2):  # a roll is some exact circular shift of each image
+        assert any(torch.equal(rolled[i], x[i].roll((dy, dx), (1, 2)))
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+    cropped = augment.random_crop_with_padding(x, 2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        assert any(torch.equal(cropped[i], padded[i, :, dy:dy + 8, dx:dx + 8])
+                   for dy in range(5) for dx in range(5))
+
+
+# -- losses --------------------------------------------------------------------------------
+
+def test_losses():
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    assert losses.kl_div(t, t, T=4).abs() < 1e-6
+    assert torch.allclose(losses.kl_div(s, t, T=1), torch.nn.functional.kl_div(
+        s.log_softmax(1), t.softmax(1), reduction="batchmean"))
+    assert losses.kl_div(s, t, reduction="per_sample").shape == (4,)
+    js = losses.js_div(s, t, T=3)
+    assert 0 < js < math.log(2) and torch.allclose(js, losses.js_div(t, s, T=3))
+    assert torch.allclose(kd_loss("l1", s, t, 20.0), (s - t).abs().mean())
+    with pytest.raises(ValueError, match="known: kl, l1"):
+        kd_loss("l2", s, t, 1.0)
+    assert torch.allclose(losses.class_balance_loss(torch.zeros(4, 10)), torch.tensor(-math.log(10)))
+    assert losses.total_variation(torch.ones(2, 3, 8, 8)) == 0
+    assert losses.activation_loss(torch.tensor([[1.0, -3.0]])) == -2.0
+
+
+# -- configs --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_config_round_trips_through_asdict(name, budget):
+    cfg = make_config(name, budget)
+    assert type(cfg)(**dataclasses.asdict(cfg)) == cfg
+    assert type(cfg)() == make_config(name, "paper")
+
+
+def test_published_presets():
+    assert make_config("dafl").T == 1.0 and make_config("dafl").latent_dim == 512
+    assert make_config("dfad").kd_criterion == "l1"
+    assert make_config("dfq").kd_steps == 10
+    deepinv, cmi = make_config("deepinv"), make_config("cmi")
+    assert (deepinv.T, deepinv.g_steps, deepinv.lr_g, deepinv.bn, deepinv.tv) == (20.0, 1000, 0.1, 10.0, 0.001)
+    assert (cmi.T, cmi.g_steps, cmi.batch_size, cmi.synthesis_batch_size) == (20.0, 200, 128, 256)
+    assert (cmi.adv, cmi.cr, cmi.cr_T, cmi.bank_size, cmi.n_neg, cmi.head_dim) == (0.5, 0.8, 0.1, 40960, 4096, 256)
+
+
+def test_make_config_budgets_and_overrides():
+    cpu = make_config("cmi", "cpu")
+    assert (cpu.epochs, cpu.ep_steps, cpu.kd_steps, cpu.g_steps, cpu.batch_size) == (10, 50, 50, 20, 128)
+    assert cpu.adv == 0.5  # weights stay as published
+    assert make_config("deepinv", "cpu").g_steps == 50
+    assert (make_config("dfq", "cpu").kd_steps, make_config("dfq", "cpu").g_steps) == (5, 1)
+    cfg = make_config("cmi", "smoke", {"lr_g": "3e-3", "g_steps": "7", "kd_criterion": "l1", "adv": 1})
+    assert cfg.lr_g == 0.003 and cfg.g_steps == 7 and cfg.kd_criterion == "l1"
+    assert isinstance(cfg.adv, float)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"nope": 1}, "unknown setting 'nope'"),
+    ({"lr": "-0.1"}, "lr must be > 0"),
+    ({"lr_g": 0}, "lr_g must be > 0"),
+    ({"g_steps": 0}, "g_steps must be >= 1"),
+    ({"epochs": "-3"}, "epochs must be >= 1"),
+    ({"g_steps": "2.5"}, "g_steps must be int"),
+    ({"lr_g": "fast"}, "lr_g must be float"),
+    ({"g_steps": True}, "g_steps must be int"),
+    ({"adv": -1}, "adv must be >= 0"),
+    ({"T": 0}, "T must be > 0"),
+    ({"cr_T": "0"}, "cr_T must be > 0"),
+    ({"kd_steps": 500}, "kd_steps .* must not exceed ep_steps"),
+    ({"kd_criterion": "mse"}, "kd_criterion must be one of kl, l1"),
+])
+def test_make_config_rejects(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config("cmi", "paper", overrides)
+
+
+def test_make_config_rejects_unknown_budget_and_method():
+    with pytest.raises(ConfigError, match="unknown budget"):
+        make_config("cmi", "huge")
+    with pytest.raises(UnknownMethodError):
+        make_config("nope")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_search_space_is_plain_data_over_config_fields(name):
+    cls = get_method(name)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    space = cls.search_space()
+    assert space and set(space) <= fields
+    for key, dist in space.items():
+        assert dist["type"] in ("loguniform", "uniform", "int", "choice")
+        if dist["type"] != "choice":
+            assert dist["low"] < dist["high"]
+            for value in (dist["low"], dist["high"]):
+                make_config(name, "paper", {key: value})  # the bounds are valid values
+
+
+# -- instance bank ----------------------------------------------------------------------
+
+def test_bank_uint8_round_trip_is_bit_exact():
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 8, 8)
+    u8 = to_uint8(images)
+    assert torch.equal(to_uint8(from_uint8(u8)), u8)
+    assert (from_uint8(u8) - images).abs().max() <= 0.5 / 255 + 1e-6
+    bank = InstanceBank()
+    bank.add(u8, torch.arange(6))
+    drawn = bank.sample(6)  # without replacement: a permutation of what was added
+    assert drawn.dtype == torch.uint8
+    assert sorted(map(bytes, drawn.flatten(1).numpy())) == sorted(map(bytes, u8.flatten(1).numpy()))
+    assert bank.sample(20).shape == (20, 3, 8, 8)  # more than stored: with replacement
+    with pytest.raises(ValueError, match="uint8"):
+        bank.add(images)
+
+
+def test_bank_fifo_eviction_and_state_round_trip():
+    bank = InstanceBank(capacity_images=10, capacity_features=6)
+    for i in range(3):
+        batch = torch.full((4, 1, 2, 2), i, dtype=torch.uint8) + torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1) * 10
+        bank.add(batch, labels=torch.arange(4) + 4 * i, features=torch.full((4, 3), float(i)))
+    assert len(bank) == 10 and bank.num_features() == 6
+    state = bank.state_dict()
+    assert state["labels"].tolist() == list(range(2, 12))  # the two oldest evicted
+    assert state["features"][:, 0].tolist() == [1.0, 1.0, 2.0, 2.0, 2.0, 2.0]
+    assert bank.negatives(100).shape == (6, 3)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    restored = InstanceBank()
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert len(restored) == 10 and restored.num_features() == 6
+    for key in ("images", "labels", "features"):
+        assert torch.equal(restored.state_dict()[key], state[key])
+    # The restored bank keeps evicting in the same order.
+    more = torch.zeros(3, 1, 2, 2, dtype=torch.uint8)
+    bank.add(more, torch.tensor([99, 99, 99]))
+    restored.add(more, torch.tensor([99, 99, 99]))
+    assert torch.equal(bank.state_dict()["labels"], restored.state_dict()["labels"])
+    assert bank.state_dict()["labels"].tolist() == list(range(5, 12)) + [99, 99, 99]
+
+
+def test_empty_bank():
+    bank = InstanceBank()
+    assert len(bank) == 0 and bank.num_features() == 0
+    assert bank.negatives(4).shape == (0, 0)
+    with pytest.raises(RuntimeError, match="empty"):
+        bank.sample(1)
