@@ -14,6 +14,7 @@ ValueError instead of a shape error deep inside a forward pass.
 from __future__ import annotations
 
 import difflib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,6 +92,18 @@ def _check_size(entry: _Entry, kind: str, name: str, image_size) -> int:
     return image_size
 
 
+def _build(entry: _Entry, kind: str, name: str, **kwargs) -> nn.Module:
+    # Bind first so a misspelled option is a ValueError naming the valid ones, not a
+    # TypeError from deep inside; orchestrator turns ValueErrors into one-line messages.
+    signature = inspect.signature(entry.builder)
+    try:
+        signature.bind(**kwargs)
+    except TypeError as exc:
+        options = ", ".join(signature.parameters)
+        raise ValueError(f"{kind} {name!r}: {exc}; it accepts: {options}") from None
+    return entry.builder(**kwargs)
+
+
 def create_model(
     name: str, num_classes: int, in_channels: int = 3, image_size: int = 32, **kwargs
 ) -> nn.Module:
@@ -99,8 +112,9 @@ def create_model(
     _positive_int(num_classes, "num_classes")
     _positive_int(in_channels, "in_channels")
     _check_size(entry, "model", name, image_size)
-    return entry.builder(
-        num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs
+    return _build(
+        entry, "model", name,
+        num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs,
     )
 
 
@@ -112,6 +126,7 @@ def create_generator(
     _positive_int(latent_dim, "latent_dim")
     _positive_int(out_channels, "out_channels")
     _check_size(entry, "generator", name, image_size)
-    return entry.builder(
-        latent_dim=latent_dim, image_size=image_size, out_channels=out_channels, **kwargs
+    return _build(
+        entry, "generator", name,
+        latent_dim=latent_dim, image_size=image_size, out_channels=out_channels, **kwargs,
     )

@@ -77,25 +77,28 @@ def main(argv=None) -> int:
                           progress=not args.no_progress)
     print(f"cell {key.slug}\nconfig {json.dumps(dataclasses.asdict(config))}", flush=True)
 
-    # Opened at the first round, after a missing teacher has been trained with its own bars.
-    bar = tqdm(total=config.epochs * max(config.ep_steps // config.kd_steps, 1), unit="round",
-               disable=args.no_progress, dynamic_ncols=True, leave=False, delay=1e9)
+    bars: list[tqdm] = []  # opened at the first round, after a missing teacher has trained
 
     def progress(phase: str, done: int, total: int) -> None:
-        bar.n = done
-        bar.set_description(phase)
-        bar.delay = 0
-        bar.refresh()
+        if not bars:
+            bars.append(tqdm(total=total, unit="round", disable=args.no_progress, dynamic_ncols=True, leave=False))
+        bars[0].n = done
+        bars[0].set_description(phase)
+        bars[0].refresh()
+
+    def write(line: str) -> None:
+        tqdm.write(line)
 
     def on_epoch(epoch: int, metrics: dict) -> None:
-        bar.write(f"epoch {epoch}/{config.epochs}  acc {metrics['accuracy']:.2f}%  "
+        write(f"epoch {epoch}/{config.epochs}  acc {metrics['accuracy']:.2f}%  "
                   f"kd {metrics.get('kd/loss', float('nan')):.4f}  synth total "
                   f"{metrics.get('synth/total', float('nan')):.4f}  "
                   f"(synthesis {metrics['synthesis_seconds']:.0f}s, KD {metrics['kd_seconds']:.0f}s)")
 
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    result = run_cell(request, on_epoch=on_epoch, progress=progress, log=bar.write)
-    bar.close()
+    result = run_cell(request, on_epoch=on_epoch, progress=progress, log=write)
+    for bar in bars:
+        bar.close()
     s = result.summary()
     print(f"{args.method} {args.teacher}->{args.student} on {args.dataset}: student {s['accuracy']:.2f}% "
           f"(best {s['best_accuracy']:.2f}%), teacher {s['teacher_accuracy']:.2f}%, "

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from benchmarks.datasets import ImageSet
-from methods import kd_loss
+from methods import ImageSpec, kd_loss
 from orchestrator.training import evaluate
 
 
@@ -84,94 +84,135 @@ class _Means:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
+class Trainer:
+    """The student side of a cell: KD steps on batches from any source, per-epoch
+    cosine step and evaluation. Used in-process by `distill` and inside Ray trainer
+    actors, so both run the same KD code."""
+
+    def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, config, eval_set: ImageSet,
+                 device="cpu"):
+        self.teacher, self.student, self.config, self.eval_set = teacher.eval(), student.to(device), config, eval_set
+        self.device = device
+        spec = eval_set.spec
+        self.image_spec = ImageSpec(spec.num_classes, spec.channels, spec.image_size, spec.mean, spec.std)
+        self.optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
+
+    def kd_steps(self, sample: Callable[[int], torch.Tensor]) -> dict[str, float]:
+        """`config.kd_steps` student updates on `sample(batch_size)` ([0, 1] images)."""
+        cfg, norm = self.config, self.image_spec.normalize
+        self.student.train()
+        total = 0.0
+        for _ in range(cfg.kd_steps):
+            x = norm(sample(cfg.batch_size))
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+            loss = kd_loss(cfg.kd_criterion, self.student(x), t_logits, cfg.T)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item()
+        return {"loss": total / cfg.kd_steps}
+
+    def end_epoch(self) -> float:
+        self.scheduler.step()
+        return evaluate(self.student, self.eval_set, self.device)
+
+    def state_dict(self) -> dict:
+        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class EpochLog:
+    """Accumulates one cell's per-epoch record into a History (shared by the in-process
+    loop and the Ray driver)."""
+
+    def __init__(self, history: History):
+        self.history = history
+        self.means = _Means()
+
+    def add(self, terms: dict[str, float], prefix: str, where: str) -> None:
+        _check_finite(terms, where)
+        self.means.add(terms, prefix)
+
+    def close_epoch(self, accuracy: float, images: int, synth_time: float, kd_time: float, epochs: int) -> dict:
+        h, epoch = self.history, self.history.epochs_done
+        h.accuracy.append(accuracy)
+        means = self.means.means()
+        for key, value in means.items():
+            h.losses.setdefault(key, [float("nan")] * epoch).append(value)
+        h.images_synthesized.append(int(images))
+        h.synthesis_seconds.append(synth_time)
+        h.kd_seconds.append(kd_time)
+        if h.epochs_done == epochs:
+            h.status = "finished"
+        self.means = _Means()
+        return {"accuracy": accuracy, **means, "synthesis_seconds": synth_time, "kd_seconds": kd_time,
+                "images_synthesized": int(images)}
+
+
 def distill(teacher: torch.nn.Module, student: torch.nn.Module, synthesizer, config, eval_set: ImageSet,
             device="cpu", *, on_epoch: Callable[[int, dict], None] | None = None,
             checkpoint_path: str | Path | None = None, progress=None) -> History:
-    """Runs (or resumes from `checkpoint_path`) one cell's distillation; never raises on NaN.
+    """Runs (or resumes from `checkpoint_path`) one cell's distillation in this process.
 
+    Never raises on NaN/Inf: the history's status says "failed: ..." instead.
     `progress`, if given, is called as progress(phase, done, total) for a status bar.
     """
-    spec = eval_set.spec
-    mean, std = spec.mean, spec.std
-
-    def norm(x):
-        mean_t = torch.as_tensor(mean, device=x.device).view(1, -1, 1, 1)
-        std_t = torch.as_tensor(std, device=x.device).view(1, -1, 1, 1)
-        return (x - mean_t) / std_t
-
-    teacher.eval()
-    student.to(device).train()
-    optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    trainer = Trainer(teacher, student, config, eval_set, device)
     history = History()
-    start_epoch = 0
     if checkpoint_path and Path(checkpoint_path).exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        trainer.load_state_dict(state["trainer"])
         synthesizer.load_state_dict(state["synthesizer"])
         history = History(**state["history"])
         torch.set_rng_state(state["rng"])
-        start_epoch = history.epochs_done
-
-    rounds = max(config.ep_steps // config.kd_steps, 1)
+    log = EpochLog(history)
+    rounds = rounds_per_epoch(config)
     synth_time = history.synthesis_seconds[-1] if history.epochs_done else 0.0
     kd_time = history.kd_seconds[-1] if history.epochs_done else 0.0
     try:
-        for epoch in range(start_epoch, config.epochs):
-            means = _Means()
+        for epoch in range(history.epochs_done, config.epochs):
             for r in range(rounds):
+                where = f"epoch {epoch + 1}, round {r + 1}"
                 if progress:
                     progress("synthesis", epoch * rounds + r, config.epochs * rounds)
                 tick = time.perf_counter()
                 result = synthesizer.synthesize()
                 synth_time += time.perf_counter() - tick
-                _check_finite(result.losses, f"synthesis (epoch {epoch + 1}, round {r + 1})")
-                means.add(result.losses, "synth/")
+                log.add(result.losses, "synth/", f"synthesis ({where})")
                 if progress:
                     progress("kd", epoch * rounds + r, config.epochs * rounds)
                 tick = time.perf_counter()
-                for _ in range(config.kd_steps):
-                    x = synthesizer.sample(config.batch_size)
-                    with torch.no_grad():
-                        t_logits = teacher(norm(x))
-                    loss = kd_loss(config.kd_criterion, student(norm(x)), t_logits, config.T)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    means.add({"loss": loss.item()}, "kd/")
+                kd = trainer.kd_steps(synthesizer.sample)
                 kd_time += time.perf_counter() - tick
-                _check_finite({"kd/loss": means.sums["kd/loss"]}, f"KD (epoch {epoch + 1}, round {r + 1})")
-            scheduler.step()
-            accuracy = evaluate(student, eval_set, device)
-            history.accuracy.append(accuracy)
-            for key, value in means.means().items():
-                history.losses.setdefault(key, [float("nan")] * epoch).append(value)
-            history.images_synthesized.append(int(synthesizer.images_synthesized))
-            history.synthesis_seconds.append(synth_time)
-            history.kd_seconds.append(kd_time)
-            if epoch + 1 == config.epochs:
-                history.status = "finished"
+                log.add(kd, "kd/", f"KD ({where})")
+            metrics = log.close_epoch(trainer.end_epoch(), synthesizer.images_synthesized, synth_time, kd_time,
+                                      config.epochs)
             if checkpoint_path:
-                _save(checkpoint_path, student, optimizer, scheduler, synthesizer, history)
+                save_state(checkpoint_path, {"trainer": trainer.state_dict(),
+                                             "synthesizer": synthesizer.state_dict(),
+                                             "history": asdict(history), "rng": torch.get_rng_state()})
             if on_epoch:
-                on_epoch(epoch + 1, {"accuracy": accuracy, **means.means(),
-                                     "synthesis_seconds": synth_time, "kd_seconds": kd_time,
-                                     "images_synthesized": int(synthesizer.images_synthesized)})
+                on_epoch(epoch + 1, metrics)
     except NonFiniteLoss as exc:
         history.status = f"failed: {exc}"
-    if history.status == "running" and history.epochs_done == config.epochs:
-        history.status = "finished"
     return history
 
 
-def _save(path, student, optimizer, scheduler, synthesizer, history: History) -> None:
+def rounds_per_epoch(config) -> int:
+    return max(config.ep_steps // config.kd_steps, 1)
+
+
+def save_state(path, state: dict) -> None:
+    """torch.save to a temp file then rename: a kill mid-save keeps the previous state."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "synthesizer": synthesizer.state_dict(),
-             "history": asdict(history), "rng": torch.get_rng_state()}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-save keeps the previous epoch's checkpoint
+    os.replace(tmp, path)

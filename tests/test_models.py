@@ -136,6 +136,12 @@ def test_rejects_bad_counts(kwargs):
         create_model("resnet8", **kwargs)
 
 
+def test_rejects_unknown_option():
+    with pytest.raises(ValueError, match="dropout"):
+        create_model("wrn16_1", num_classes=10, droput=0.3)
+    assert create_model("wrn16_1", num_classes=10, dropout=0.3) is not None
+
+
 @pytest.mark.parametrize("image_size", [28, 32, 64])
 @pytest.mark.parametrize("out_channels", [1, 3])
 @pytest.mark.parametrize("name", ["generator", "generator_large"])
