@@ -21,6 +21,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
+        from orchestrator.tracking import TrackingError
+        types.append(TrackingError)
+    except ImportError:
+        pass
+    try:
         from methods import ConfigError, UnknownMethodError
         types.extend([ConfigError, UnknownMethodError])
     except ImportError:

@@ -1,0 +1,355 @@
+"""Benchmark DFKD methods side by side on Ray, record them in MLflow, print the tables.
+
+    python -m orchestrator.bench                  # the embedded default: fashion-mnist,
+                                                  # dafl,deepinv,cmi, wrn16_2->wrn16_1, cpu budget
+    python -m orchestrator.bench --methods dafl,deepinv,cmi --datasets cifar10,cifar100,tiny --budget paper
+    python -m orchestrator.bench --address auto --tracking-uri http://127.0.0.1:5000 --out /shared/runs
+    python -m orchestrator.bench --resume         # skip cells that already finished
+
+Everything a user can get wrong is checked before Ray starts. Outputs in --out:
+results.csv (long: one row per cell and metric), table_<dataset>.md/.tex, accuracy_<dataset>.png,
+cells/<cell>/{history.json,config.json,grid.png,student.pt}, and the MLflow store (mlflow.db).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from benchmarks.datasets import get_dataset_spec, list_datasets, load_split
+from benchmarks.reference import BASELINE_ROWS, row_name
+from benchmarks.suites import suite
+from methods import get_method, list_methods
+from orchestrator.cell import BUDGETS, CellKey, check_cell
+from orchestrator.cli import ArgumentParser, UsageError, parse_device, run_cli
+from orchestrator.distill import parse_sets
+from orchestrator.report import long_rows, plot_curves, write_tables
+from orchestrator.teachers import DEFAULT_DIR as DEFAULT_TEACHER_DIR
+from orchestrator.teachers import checkpoint_path
+from orchestrator.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
+
+MODES = ("paper", "shared")
+DEFAULT_METHODS = "dafl,deepinv,cmi"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m orchestrator.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list of {', '.join(list_methods())}")
+    p.add_argument("--datasets", default="fashion-mnist", help=f"comma list of {', '.join(list_datasets())}")
+    p.add_argument("--pairs", help="teacher:student,... (default: each dataset's suite, see README)")
+    p.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2")
+    p.add_argument("--budget", default="cpu", help=f"one of {', '.join(BUDGETS)}")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field for every method that has it; METHOD.KEY=VALUE for one")
+    p.add_argument("--preset", action="append", metavar="FILE", help="a preset file written by orchestrator.tune")
+    p.add_argument("--mode", default="paper", help="paper (one synthesizer per student) or shared")
+    p.add_argument("--publish-every", type=int, default=1,
+                   help="shared mode: rounds between publishing student weights to the synthesizer")
+    p.add_argument("--address", help="Ray cluster to join (auto or host:port); default: a local Ray")
+    p.add_argument("--gpus-per-cell", type=float, default=None, help="GPUs per cell (fractional ok); default 1 if CUDA")
+    p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs each actor reserves (default: fit the node)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under --out)")
+    p.add_argument("--experiment", default="dfkd-bench", help="MLflow experiment name")
+    p.add_argument("--out", default="runs/bench", help="results folder (shared path on a cluster)")
+    p.add_argument("--resume", action="store_true", help="skip cells that already have a finished run")
+    p.add_argument("--baselines", action="store_true", help="add the T. Scratch and S. Scratch rows")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--data-root", help="folder holding the datasets (see README, Data)")
+    p.add_argument("--download", action="store_true", help="download missing datasets")
+    p.add_argument("--teacher-dir", default=str(DEFAULT_TEACHER_DIR), help="teacher checkpoint cache")
+    return p
+
+
+# ----------------------------------------------------------------------- validation
+def split_list(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UsageError(f"--{what} is empty")
+    return list(dict.fromkeys(items))
+
+
+def parse_pairs(text: str | None, dataset: str) -> list[tuple[str, str]]:
+    if not text:
+        return suite(dataset)
+    pairs = []
+    for item in split_list(text, "pairs"):
+        if item.count(":") != 1 or not all(item.split(":")):
+            raise UsageError(f"--pairs {item!r}: expected teacher:student, e.g. wrn40_2:wrn16_1")
+        pairs.append(tuple(item.split(":")))
+    return pairs
+
+
+def method_overrides(methods: list[str], sets: dict[str, str], presets: list[str] | None) -> dict[str, dict]:
+    """Per-method overrides from presets and --set (METHOD.KEY beats KEY beats preset)."""
+    per_method: dict[str, dict] = {m: {} for m in methods}
+    for path in presets or []:
+        try:
+            preset = json.loads(Path(path).read_text())
+            method, config = preset["method"], dict(preset["config"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--preset {path}: not a preset file written by orchestrator.tune ({exc})") from None
+        get_method(method)
+        if method not in per_method:
+            raise UsageError(f"--preset {path} is for method {method!r}, which is not in --methods")
+        per_method[method].update(config)
+    used = set()
+    for key, value in sets.items():
+        target, _, field = key.rpartition(".")
+        targets = [target] if target else methods
+        if target and target not in per_method:
+            raise UsageError(f"--set {key}: method {target!r} is not in --methods ({', '.join(methods)})")
+        for m in targets:
+            if field in {f.name for f in dataclasses.fields(get_method(m).Config)}:
+                per_method[m][field] = value
+                used.add(key)
+        if key not in used:
+            raise UsageError(f"--set {key}: no method in --methods has a field {field!r}")
+    return per_method
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {out}: not writable ({exc.strerror or exc})") from None
+
+
+def check_address(address: str | None) -> None:
+    if not address or address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if address.startswith("ray://") or not port.isdigit():
+        host, port = address.replace("ray://", "").rsplit(":", 1) if ":" in address else (address, "6379")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            pass
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--address {address}: no Ray cluster answers there ({exc}); "
+                         f"start one with `ray start --head --node-ip-address 127.0.0.1` or drop --address") from None
+
+
+def plan(args) -> dict:
+    """Turns arguments into a checked plan; raises UsageError before anything starts."""
+    methods = split_list(args.methods, "methods")
+    for m in methods:
+        get_method(m)
+    datasets = split_list(args.datasets, "datasets")
+    for d in datasets:
+        get_dataset_spec(d)
+    if args.budget not in BUDGETS:
+        raise UsageError(f"unknown budget '{args.budget}'; use one of {', '.join(BUDGETS)}")
+    if args.mode not in MODES:
+        raise UsageError(f"unknown mode '{args.mode}'; use paper or shared")
+    try:
+        seeds = [int(s) for s in split_list(args.seeds, "seeds")]
+    except ValueError:
+        raise UsageError(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
+    if args.publish_every < 1:
+        raise UsageError("--publish-every must be >= 1")
+    overrides = method_overrides(methods, parse_sets(args.set), args.preset)
+    pairs = {d: parse_pairs(args.pairs, d) for d in datasets}
+    for d in datasets:
+        for teacher, student in pairs[d]:
+            for m in methods:
+                check_cell(CellKey(d, teacher, student, m, seeds[0], args.budget, args.mode), overrides[m])
+    if args.gpus_per_cell is not None and args.gpus_per_cell < 0:
+        raise UsageError("--gpus-per-cell must be >= 0")
+    # Data must be there (or downloadable) before Ray starts; actors get absolute folders.
+    data_dirs = {}
+    for d in datasets:
+        data_dirs[d] = str(load_split(d, "test", args.data_root, args.download).source.resolve())
+    out = Path(args.out).resolve()
+    check_writable(out)
+    uri = resolve_tracking_uri(args.tracking_uri, out)
+    check_tracking_uri(uri)
+    check_address(args.address)
+    return {"methods": methods, "datasets": datasets, "seeds": seeds, "pairs": pairs, "overrides": overrides,
+            "out": out, "uri": uri, "data_dirs": data_dirs}
+
+
+# ------------------------------------------------------------------------------ run
+def start_ray(address: str | None):
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as exc:
+        raise UsageError(f"cannot join Ray at {address or 'local'}: {str(exc).splitlines()[0]}") from None
+    return ray
+
+
+def ensure_classifiers(ray, needed: list[tuple[str, str]], args, data_dirs: dict, device: str, log) -> dict:
+    """Trains missing teachers (and scratch students) in Ray tasks, one at a time, before
+    any cell starts, so no two cells race to train the same teacher."""
+    from orchestrator.teachers import get_classifier
+
+    teacher_dir = Path(args.teacher_dir).resolve()
+
+    @ray.remote(num_cpus=1)
+    def train(dataset, arch, data_root, threads):
+        import torch
+        torch.set_num_threads(threads)
+        _, meta = get_classifier(dataset, arch, out=teacher_dir, device=device, data_root=data_root,
+                                 progress=False, log=lambda *_: None)
+        return {k: meta[k] for k in ("accuracy", "train_seconds") if k in meta}
+
+    metas = {}
+    for dataset, arch in needed:
+        path = checkpoint_path(teacher_dir, dataset, arch)
+        if not path.exists():
+            log(f"training {arch} on {dataset} (missing from {teacher_dir}) ...")
+        metas[(dataset, arch)] = ray.get(train.remote(dataset, arch, data_dirs[dataset], os.cpu_count() or 1))
+        log(f"{arch} on {dataset}: {metas[(dataset, arch)]['accuracy']:.2f}% test accuracy ({path})")
+    return metas
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    device = parse_device(args.device)
+    p = plan(args)
+    out: Path = p["out"]
+    log = tqdm.write
+
+    import torch
+    gpus = args.gpus_per_cell if args.gpus_per_cell is not None else (1.0 if device.startswith("cuda") else 0.0)
+    ray = start_ray(args.address)
+    from orchestrator.runner import Resources, Stream, StreamRunner, run_streams
+
+    tracker = Tracker(p["uri"], args.experiment, artifact_root=out / "mlartifacts")
+    lock = threading.Lock()
+    parent = tracker.start_parent(f"bench-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  params={"methods": ",".join(p["methods"]), "datasets": ",".join(p["datasets"]),
+                                          "seeds": args.seeds, "budget": args.budget, "mode": args.mode,
+                                          "argv": " ".join(sys.argv[1:]) or "(defaults)"},
+                                  tags={"kind": "bench"})
+    finished = tracker.finished_cells() if args.resume else {}
+
+    # Streams: paper mode, one per cell; shared mode, one per (dataset, teacher, method, seed).
+    streams = []
+    for d in p["datasets"]:
+        for m in p["methods"]:
+            for seed in p["seeds"]:
+                by_teacher: dict[str, list[str]] = {}
+                for teacher, student in p["pairs"][d]:
+                    key = CellKey(d, teacher, student, m, seed, args.budget, args.mode)
+                    if tuple(dataclasses.asdict(key).values()) in finished:
+                        continue
+                    by_teacher.setdefault(teacher, []).append(student)
+                for teacher, students in by_teacher.items():
+                    groups = [students] if args.mode == "shared" else [[s] for s in students]
+                    streams += [Stream(d, teacher, m, seed, args.budget, args.mode, g, p["overrides"][m])
+                                for g in groups]
+    needed = list(dict.fromkeys((s.dataset, s.teacher) for s in streams))
+    if args.baselines:
+        needed += [(d, a) for d in p["datasets"] for pair in p["pairs"][d] for a in pair if (d, a) not in needed]
+    metas = ensure_classifiers(ray, list(dict.fromkeys(needed)), args, p["data_dirs"], device, log)
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n_max = max((len(s.students) for s in streams), default=1)
+    per_actor = args.cpus_per_actor or min(1.0, cpus / (1 + n_max))
+    resources = Resources(per_actor, gpus, node_cpus=min(cpus, os.cpu_count() or cpus))
+    concurrent = max(1, int(cpus // (per_actor * (1 + n_max)))) if not gpus else \
+        max(1, int(ray.cluster_resources().get("GPU", 0) // gpus))
+    n_cells = sum(len(s.students) for s in streams)
+    log(f"{n_cells} cells to run ({len(finished)} finished earlier), {len(streams)} streams, "
+        f"{concurrent} at a time; MLflow: {p['uri']}")
+    bar = tqdm(total=n_cells, desc="cells", unit="cell", dynamic_ncols=True)
+
+    def on_cell_start(key, config):
+        with lock:
+            return tracker.start_child(parent, key.slug, tags=key.tags(), params=config)
+
+    def on_epoch(key, epoch, metrics):
+        with lock:
+            tracker.log_metrics(run_ids[key], metrics, step=epoch)
+        log(f"[{key.method} {key.teacher}->{key.student} s{key.seed}] epoch {epoch}: "
+            f"acc {metrics['accuracy']:.2f}%  synthesis {metrics['synthesis_seconds']:.0f}s  "
+            f"KD {metrics['kd_seconds']:.0f}s")
+
+    run_ids: dict = {}
+
+    def on_cell_start_recorded(key, config):
+        run_ids[key] = on_cell_start(key, config)
+        return run_ids[key]
+
+    def on_done(outcome):
+        summary = {**outcome.history.summary(), "wall_seconds": outcome.wall_seconds}
+        status = outcome.history.status
+        with lock:
+            numeric = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+            tracker.log_metrics(outcome.run_id, {f"final/{k}": v for k, v in numeric.items()}, step=summary["epochs"])
+            for name in ("history.json", "config.json", "grid.png", "student.pt"):
+                if (outcome.cell_dir / name).exists():
+                    tracker.log_artifact(outcome.run_id, outcome.cell_dir / name)
+            tracker.finish(outcome.run_id, "FINISHED" if status == "finished" else "FAILED",
+                           tags={"status": status})
+        bar.update(1)
+        log(f"[{outcome.key.slug}] {status}: {summary['accuracy']:.2f}% in {outcome.wall_seconds:.0f}s")
+
+    runners = [StreamRunner(s, str(checkpoint_path(Path(args.teacher_dir).resolve(), s.dataset, s.teacher)), out,
+                            resources, device, args.publish_every, "test", p["data_dirs"][s.dataset],
+                            on_cell_start=on_cell_start_recorded, on_epoch=on_epoch, log=log) for s in streams]
+    started = time.perf_counter()
+    outcomes = run_streams(runners, concurrent, on_done=on_done)
+    bar.close()
+
+    # --------------------------------------------------------------------- tables
+    rows = []
+    for o in outcomes:
+        rows += long_rows(o.key, o.history.status, {**o.history.summary(), "wall_seconds": o.wall_seconds,
+                                                     "teacher_accuracy": metas[(o.key.dataset, o.key.teacher)]["accuracy"]}
+                          | {})
+    for key_tuple, info in finished.items():
+        key = CellKey(*key_tuple[:4], int(key_tuple[4]), *key_tuple[5:])
+        metrics = {k.removeprefix("final/"): v for k, v in info["metrics"].items() if k.startswith("final/")}
+        rows += long_rows(key, "finished", metrics)
+    if args.baselines:
+        for d in p["datasets"]:
+            for teacher, student in p["pairs"][d]:
+                for row, arch in zip(BASELINE_ROWS, (teacher, student)):
+                    key = CellKey(d, teacher, student, row, 0, args.budget, args.mode)
+                    rows += long_rows(key, "finished", {"accuracy": metas[(d, arch)]["accuracy"]}, row=row)
+    long = pd.DataFrame(rows, columns=[c for c in rows[0]] if rows else None)
+    order = ([*BASELINE_ROWS] if args.baselines else []) + [row_name(m) for m in list_methods()]
+    paths = write_tables(long, out, order) if rows else {}
+    for d in p["datasets"]:
+        curves = {f"{o.key.method} {o.key.teacher}->{o.key.student} s{o.key.seed}": o.history.accuracy
+                  for o in outcomes if o.key.dataset == d and o.history.accuracy}
+        if curves:
+            paths[f"png_{d}"] = plot_curves(curves, out / f"accuracy_{d}.png", f"{d}: accuracy per epoch")
+    with lock:
+        for path in paths.values():
+            tracker.log_artifact(parent, path, "tables")
+        if rows:
+            tracker.log_table(parent, long, "results.json")
+        tracker.finish(parent, "FINISHED")
+    ray.shutdown()
+
+    print()
+    for d in p["datasets"]:
+        if f"md_{d}" in paths:
+            print(paths[f"md_{d}"].read_text())
+    failed = [o for o in outcomes if o.history.status != "finished"]
+    print(f"{len(outcomes)} cells run in {time.perf_counter() - started:.0f}s, {len(failed)} failed, "
+          f"{len(finished)} reused; results in {out}")
+    print(f"browse the runs: {tracker.ui_command()}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

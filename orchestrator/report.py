@@ -1,0 +1,96 @@
+"""Bench results as the tables researchers publish, plus a long CSV and accuracy plots.
+
+Rows are methods (and the T./S. Scratch baselines), columns are teacher->student pairs,
+entries are mean +- std over seeds of the final test accuracy, with the published number
+in brackets where REFERENCE.md has one. A failed cell shows as "failed".
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from benchmarks.reference import published, row_name
+
+# The long format: one row per (cell, metric).
+LONG_COLUMNS = ["dataset", "teacher", "student", "row", "method", "seed", "budget", "mode", "status",
+                "metric", "value"]
+
+
+def long_rows(key, status: str, metrics: dict[str, float], row: str | None = None) -> list[dict]:
+    base = {"dataset": key.dataset, "teacher": key.teacher, "student": key.student,
+            "row": row or row_name(key.method), "method": key.method, "seed": key.seed, "budget": key.budget,
+            "mode": key.mode, "status": status}
+    return [{**base, "metric": m, "value": float(v)} for m, v in metrics.items()]
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "failed"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.2f}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def accuracy_table(long: pd.DataFrame, dataset: str, row_order: list[str]) -> pd.DataFrame:
+    """One dataset's table: rows = methods/baselines, columns = "teacher->student"."""
+    df = long[(long.dataset == dataset) & (long.metric == "accuracy")]
+    pairs = list(dict.fromkeys(zip(df.teacher, df.student)))
+    rows = [r for r in row_order if r in set(df.row)]
+    table = {}
+    for teacher, student in pairs:
+        column = {}
+        for row in rows:
+            cell = df[(df.teacher == teacher) & (df.student == student) & (df.row == row)]
+            if cell.empty:
+                column[row] = ""
+                continue
+            ok = cell[cell.status == "finished"].value.tolist()
+            text = _fmt(ok)
+            if len(ok) < len(cell):
+                text += f" ({len(cell) - len(ok)} failed)" if ok else ""
+            ref = published(dataset, teacher, student, row)
+            column[row] = f"{text} [{ref:.2f}]" if ref is not None else text
+        table[f"{teacher}->{student}"] = column
+    frame = pd.DataFrame(table, index=rows)
+    frame.index.name = "Method"
+    return frame
+
+
+def write_tables(long: pd.DataFrame, out: Path, row_order: list[str]) -> dict[str, Path]:
+    """Writes results.csv (long) and per dataset table_<dataset>.{md,tex}; returns paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "results.csv"}
+    long.to_csv(paths["csv"], index=False)
+    for dataset in dict.fromkeys(long.dataset):
+        table = accuracy_table(long, dataset, row_order)
+        md, tex = out / f"table_{dataset}.md", out / f"table_{dataset}.tex"
+        md.write_text(f"### {dataset}: student test accuracy (%), mean ± std over seeds "
+                      f"[published]\n\n{table.to_markdown()}\n")
+        tex.write_text(table.to_latex(escape=True))
+        paths[f"md_{dataset}"], paths[f"tex_{dataset}"] = md, tex
+    return paths
+
+
+def plot_curves(curves: dict[str, dict[str, list[float]]], path: Path, title: str) -> Path:
+    """curves: {label: {"accuracy": [...]}} -> PNG of test accuracy against epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, acc in sorted(curves.items()):
+        ax.plot(range(1, len(acc) + 1), acc, marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,204 @@
+"""The bench driver: runs synthesis streams on Ray and records their cells.
+
+A stream is one (dataset, teacher, method, seed) synthesis process feeding one student
+(`--mode paper`: the reference loop, one synthesizer per student) or all students of that
+teacher at once (`--mode shared`, this project's own mode). Per stream the driver
+creates a store actor, a SynthesizerWorker and one TrainerWorker per student, and runs
+the reference loop semantics in lockstep:
+
+    for each epoch: for each of ep_steps // kd_steps rounds:
+        [publish the students' weights to the synthesizer if it plays against them]
+        synthesizer.round()          -> pushes into the store
+        every trainer.kd_round()     -> kd_steps updates on batches pulled from the store
+    every trainer.end_epoch()        -> cosine step + evaluation
+
+Streams run concurrently in driver threads as cluster resources allow; all MLflow
+writes go through one lock (SQLite has a single writer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from methods import make_config
+from orchestrator.cell import CellKey
+from orchestrator.loop import EpochLog, History, NonFiniteLoss, rounds_per_epoch
+from orchestrator.store import create_store
+from orchestrator.workers import SynthesizerWorker, TrainerWorker
+
+
+@dataclass
+class Stream:
+    dataset: str
+    teacher: str
+    method: str
+    seed: int
+    budget: str
+    mode: str
+    students: list[str]
+    overrides: dict = field(default_factory=dict)
+
+    def cells(self) -> list[CellKey]:
+        return [CellKey(self.dataset, self.teacher, s, self.method, self.seed, self.budget, self.mode)
+                for s in self.students]
+
+
+@dataclass
+class CellOutcome:
+    key: CellKey
+    history: History
+    config: dict
+    cell_dir: Path
+    wall_seconds: float
+    run_id: str | None = None
+
+
+@dataclass
+class Resources:
+    """How one stream's actors are sized; see README, "Cluster"."""
+
+    cpus_per_actor: float = 1.0
+    gpus_per_cell: float = 0.0
+    node_cpus: int = 2
+
+    def synth_options(self) -> dict:
+        return {"num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_cell / 2}
+
+    def trainer_options(self, n_students: int) -> dict:
+        return {"num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_cell / 2 / n_students}
+
+    def threads(self, n_students: int) -> tuple[int, int]:
+        # Synthesis and KD alternate, so the synthesizer may use the stream's whole CPU
+        # share while trainers wait, and trainers split it while they run together.
+        stream = max(int(round(self.cpus_per_actor * (1 + n_students))), 1)
+        stream = min(stream, self.node_cpus)
+        return stream, max(stream // n_students, 1)
+
+
+class StreamRunner:
+    """Runs one stream; reports epochs and outcomes through callbacks (driver side)."""
+
+    def __init__(self, stream: Stream, teacher_ckpt: str, out: Path, resources: Resources, device: str,
+                 publish_every: int = 1, eval_split: str = "test", data_root: str | None = None,
+                 on_cell_start=None, on_epoch=None, log=print):
+        self.stream, self.teacher_ckpt, self.out = stream, teacher_ckpt, Path(out)
+        self.resources, self.device = resources, device
+        self.publish_every, self.eval_split, self.data_root = max(publish_every, 1), eval_split, data_root
+        self.on_cell_start = on_cell_start or (lambda key, config: None)
+        self.on_epoch = on_epoch or (lambda key, epoch, metrics: None)
+        self.log = log
+
+    def run(self) -> list[CellOutcome]:
+        s, res = self.stream, self.resources
+        config = make_config(s.method, s.budget, s.overrides)
+        keys = s.cells()
+        run_ids = {key: self.on_cell_start(key, dataclasses.asdict(config)) for key in keys}
+        histories = {key: History() for key in keys}
+        logs = {key: EpochLog(histories[key]) for key in keys}
+        started = time.perf_counter()
+        actors = []
+        try:
+            n = len(s.students)
+            synth_threads, trainer_threads = res.threads(n)
+            store = create_store(capacity_features=getattr(config, "bank_size", 40960))
+            stream_store = create_store(capacity_images=config.kd_steps * config.batch_size)
+            actors += [store, stream_store]
+            synth = SynthesizerWorker.options(**res.synth_options()).remote(
+                s.dataset, s.method, s.budget, s.overrides, self.teacher_ckpt, s.students, s.seed, store,
+                stream_store, self.device, synth_threads)
+            source = store if _kind(s.method) == "inversion" else stream_store
+            trainers = [TrainerWorker.options(**res.trainer_options(n)).remote(
+                s.dataset, s.method, s.budget, s.overrides, self.teacher_ckpt, student, s.seed, source,
+                self.device, trainer_threads, self.eval_split, self.data_root) for student in s.students]
+            actors += [synth, *trainers]
+            adversarial = ray.get(synth.uses_student.remote())
+            rounds = rounds_per_epoch(config)
+            synth_time = 0.0
+            kd_time = {key: 0.0 for key in keys}
+            for epoch in range(config.epochs):
+                for r in range(rounds):
+                    where = f"epoch {epoch + 1}, round {r + 1}"
+                    states = None
+                    if adversarial and (epoch * rounds + r) % self.publish_every == 0:
+                        states = ray.get([t.student_state.remote() for t in trainers])
+                    out = ray.get(synth.round.remote(states))
+                    synth_time += out["seconds"]
+                    for key in keys:
+                        logs[key].add(out["losses"], "synth/", f"synthesis ({where})")
+                    for key, kd in zip(keys, ray.get([t.kd_round.remote() for t in trainers])):
+                        kd_time[key] += kd["seconds"]
+                        logs[key].add(kd["losses"], "kd/", f"KD ({where})")
+                accuracies = ray.get([t.end_epoch.remote() for t in trainers])
+                for key, acc in zip(keys, accuracies):
+                    metrics = logs[key].close_epoch(acc, out["images_synthesized"], synth_time, kd_time[key],
+                                                    config.epochs)
+                    self.on_epoch(key, epoch + 1, metrics)
+        except NonFiniteLoss as exc:
+            for h in histories.values():
+                h.status = f"failed: {exc}"
+        except (ray.exceptions.RayError, Exception) as exc:  # an actor died, out of memory, ...
+            message = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+            self.log(f"stream {s.method} {s.teacher} seed {s.seed} failed: {message}")
+            self.log("".join(traceback.format_exception(exc))[-2000:])
+            for h in histories.values():
+                h.status = f"failed: {type(exc).__name__}: {message}"
+        wall = time.perf_counter() - started
+        outcomes = []
+        for i, key in enumerate(keys):
+            cell_dir = self.out / "cells" / key.slug
+            cell_dir.mkdir(parents=True, exist_ok=True)
+            history = histories[key]
+            (cell_dir / "history.json").write_text(json.dumps(dataclasses.asdict(history), indent=2))
+            (cell_dir / "config.json").write_text(json.dumps({"cell": dataclasses.asdict(key),
+                                                              "config": dataclasses.asdict(config)}, indent=2))
+            if history.status == "finished":
+                try:
+                    ray.get(trainers[i].save_student.remote(str(cell_dir / "student.pt"), history.accuracy[-1]))
+                    _save_grid(ray.get(synth.grid_images.remote(64)), cell_dir / "grid.png")
+                except Exception as exc:  # the numbers are in; a missing artefact is not fatal
+                    self.log(f"could not save artefacts of {key.slug}: {exc}")
+            outcomes.append(CellOutcome(key, history, dataclasses.asdict(config), cell_dir, wall, run_ids[key]))
+        for actor in actors:
+            ray.kill(actor)
+        return outcomes
+
+
+def _kind(method: str) -> str:
+    from methods import get_method
+    return get_method(method).kind
+
+
+def _save_grid(images: np.ndarray, path: Path) -> None:
+    from torchvision.utils import save_image
+
+    save_image(torch.from_numpy(images).float() / 255, path, nrow=8, padding=1)
+
+
+def run_streams(runners: list[StreamRunner], max_concurrent: int, on_done=None) -> list[CellOutcome]:
+    """Runs streams in driver threads, at most `max_concurrent` at a time."""
+    outcomes: list[CellOutcome] = []
+    lock = threading.Lock()
+
+    def one(runner: StreamRunner):
+        result = runner.run()
+        with lock:
+            outcomes.extend(result)
+            if on_done:
+                for outcome in result:
+                    on_done(outcome)
+        return result
+
+    with ThreadPoolExecutor(max_workers=max(max_concurrent, 1)) as pool:
+        for future in [pool.submit(one, r) for r in runners]:
+            future.result()
+    return outcomes
