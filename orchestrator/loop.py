@@ -166,8 +166,12 @@ def distill(teacher: torch.nn.Module, student: torch.nn.Module, synthesizer, con
     """
     trainer = Trainer(teacher, student, config, eval_set, device)
     history = History()
+    state = None
     if checkpoint_path and Path(checkpoint_path).exists():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if state.get("config") != asdict(config):
+            state = None  # a different config under the same cell key: start over
+    if state is not None:
         trainer.load_state_dict(state["trainer"])
         synthesizer.load_state_dict(state["synthesizer"])
         history = History(**state["history"])
@@ -197,7 +201,8 @@ def distill(teacher: torch.nn.Module, student: torch.nn.Module, synthesizer, con
             if checkpoint_path:
                 save_state(checkpoint_path, {"trainer": trainer.state_dict(),
                                              "synthesizer": synthesizer.state_dict(),
-                                             "history": asdict(history), "rng": torch.get_rng_state()})
+                                             "history": asdict(history), "rng": torch.get_rng_state(),
+                                             "config": asdict(config)})
             if on_epoch:
                 on_epoch(epoch + 1, metrics)
     except NonFiniteLoss as exc:

@@ -62,6 +62,9 @@ CELL_FIELDS = ("dataset", "teacher", "student", "method", "seed", "budget", "mod
 DEFAULT_DB_NAME = "mlflow.db"
 _DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
+# MLflow 3's UI opens an experiment on its GenAI trace overview unless the experiment is
+# tagged as model training; with this tag `#/experiments/<id>` shows the runs table.
+_KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class TrackingError(ValueError):
@@ -285,7 +288,8 @@ class Tracker:
             if exp is None:
                 try:
                     return self.client.create_experiment(
-                        self.experiment_name, artifact_location=self.artifact_location)
+                        self.experiment_name, artifact_location=self.artifact_location,
+                        tags={_KIND_TAG: _KIND})
                 except MlflowException as e:  # another process created it just now
                     exp = self.client.get_experiment_by_name(self.experiment_name)
                     if exp is None:
@@ -297,6 +301,8 @@ class Tracker:
                     " with MLFLOW_TRACKING_URI set) or choose another experiment name")
             # An existing experiment keeps its own artifact location.
             self.artifact_location = exp.artifact_location
+            if _KIND_TAG not in exp.tags:
+                self.client.set_experiment_tag(exp.experiment_id, _KIND_TAG, _KIND)
             return exp.experiment_id
 
     # -- runs

@@ -1,0 +1,259 @@
+"""The synthetic store actor on a real local Ray: round trips, FIFO eviction, snapshots,
+restart after a kill, and StoreBank as the bank of real synthesizers.
+
+Each store actor is a worker process that imports torch (seconds on a busy 2-core
+machine), so the tests share one store, emptied between tests, plus the one the restart
+test kills.
+"""
+import json
+import struct
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from orchestrator.store import (META_FILE, SNAPSHOT_FILE, SnapshotError, StoreBank,
+                                create_store)
+
+SHAPE = (3, 8, 8)  # small images keep the tests fast; the perf script uses 32x32
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared(ray_local):
+    return create_store(seed=0)
+
+
+@pytest.fixture
+def store(shared):
+    """The shared store, emptied, with the default capacities."""
+    empty(shared)
+    return shared
+
+
+def empty(store, capacity_images=None, capacity_features=40960):
+    ray.get(store.load_state_arrays.remote({
+        "images": np.empty(0, np.uint8), "labels": np.empty(0, np.int64),
+        "features": np.empty((0, 0), np.float32),
+        "capacity_images": -1 if capacity_images is None else capacity_images,
+        "capacity_features": -1 if capacity_features is None else capacity_features}))
+
+
+def batch(first: int, n: int, dim: int = 4):
+    """n distinct images whose first two bytes encode their id, labels = id % 10,
+    features = id in every column."""
+    ids = np.arange(first, first + n)
+    images = np.random.default_rng(first).integers(0, 256, (n, *SHAPE), dtype=np.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = ids % 256, ids // 256
+    labels = (ids % 10).astype(np.int64)
+    features = np.repeat(ids[:, None], dim, axis=1).astype(np.float32)
+    return images, labels, features
+
+
+def ids_of(images: np.ndarray) -> np.ndarray:
+    return images[:, 0, 0, 0].astype(np.int64) + 256 * images[:, 0, 0, 1].astype(np.int64)
+
+
+def state(store) -> dict:
+    return ray.get(store.state_arrays.remote())
+
+
+def assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], np.ndarray):
+            assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+            assert np.array_equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def test_add_sample_negatives_round_trip(store):
+    before = ray.get(store.stats.remote())
+    parts = [batch(0, 50), batch(50, 30), batch(80, 70)]
+    assert [ray.get(store.add.remote(*p)) for p in parts] == [50, 80, 150]
+    images, labels, features = (np.concatenate(x) for x in zip(*parts))
+    assert_same_state(state(store), {"images": images, "labels": labels, "features": features,
+                                     "capacity_images": -1, "capacity_features": 40960})
+
+    x = ray.get(store.sample.remote(64))
+    assert x.dtype == np.uint8 and x.shape == (64, *SHAPE) and x.flags.c_contiguous
+    ids = ids_of(x)
+    assert len(set(ids.tolist())) == 64  # distinct within a call
+    assert np.array_equal(x, images[ids])  # every row is bit-exactly an added image
+
+    x, y = ray.get(store.sample_with_labels.remote(40))
+    assert y.dtype == np.int64 and np.array_equal(x, images[ids_of(x)]) and np.array_equal(y, labels[ids_of(x)])
+
+    more = ray.get(store.sample.remote(500))  # more than held: with replacement
+    assert more.shape == (500, *SHAPE) and np.array_equal(more, images[ids_of(more)])
+
+    neg = ray.get(store.negatives.remote(16))
+    assert neg.dtype == np.float32 and neg.shape == (16, 4)
+    assert len(set(neg[:, 0].tolist())) == 16 and np.array_equal(neg, features[neg[:, 0].astype(int)])
+    assert ray.get(store.negatives.remote(10_000)).shape == (150, 4)
+
+    stats = ray.get(store.stats.remote())
+    assert (stats["images"], stats["features"]) == (150, 150)
+    assert stats["adds"] - before["adds"] == 3 and stats["images_added"] - before["images_added"] == 150
+    assert stats["samples_served"] - before["samples_served"] == 64 + 40 + 500
+    assert stats["bytes"] == images.nbytes + labels.nbytes + features.nbytes
+
+
+def test_errors_cross_the_boundary_clearly(store):
+    with pytest.raises(RuntimeError, match="empty"):
+        ray.get(store.sample.remote(4))
+    assert ray.get(store.negatives.remote(4)).shape == (0, 0)
+    with pytest.raises(ValueError, match="uint8"):
+        ray.get(store.add.remote(np.zeros((2, *SHAPE), np.float32)))
+    with pytest.raises(TypeError, match="numpy"):
+        ray.get(store.add.remote(torch.zeros((2, *SHAPE), dtype=torch.uint8)))
+    with pytest.raises(ValueError, match="labels"):
+        ray.get(store.add.remote(np.zeros((2, *SHAPE), np.uint8), np.zeros(3, np.int64)))
+    with pytest.raises(SnapshotError):
+        ray.get(store.restore.remote("/nonexistent/store"))
+    assert ray.get(store.size.remote()) == 0
+
+
+def test_fifo_eviction_at_capacity(store):
+    empty(store, capacity_images=100, capacity_features=50)
+    for first in (0, 40, 80):
+        ray.get(store.add.remote(*batch(first, 40)))
+    held = state(store)
+    assert np.array_equal(ids_of(held["images"]), np.arange(20, 120))  # oldest 20 evicted
+    assert np.array_equal(held["labels"], np.arange(20, 120) % 10)
+    assert np.array_equal(held["features"][:, 0], np.arange(70, 120))  # its own FIFO
+    x, y = ray.get(store.sample_with_labels.remote(100))
+    assert sorted(ids_of(x).tolist()) == list(range(20, 120)) and np.array_equal(y, ids_of(x) % 10)
+    ray.get(store.add.remote(*batch(1000, 130)))  # one batch larger than the store
+    assert np.array_equal(ids_of(state(store)["images"]), np.arange(1030, 1130))
+
+
+def test_snapshot_restore_bit_exact_and_pickle_free(store, tmp_path):
+    empty(store, capacity_images=100, capacity_features=60)
+    for first in (0, 70):
+        ray.get(store.add.remote(*batch(first, 70, dim=3)))
+    ray.get(store.add.remote(*batch(500, 5)[:2]))  # no features: labels only
+    path = ray.get(store.snapshot.remote(str(tmp_path)))
+    assert path == str(tmp_path / SNAPSHOT_FILE)
+    before = state(store)
+
+    empty(store, capacity_images=3)  # restore adopts the snapshot's capacities
+    assert ray.get(store.restore.remote(str(tmp_path))) == 100
+    assert_same_state(state(store), before)
+    stats = ray.get(store.stats.remote())
+    assert stats["restored_from"] == path and (stats["capacity_images"], stats["capacity_features"]) == (100, 60)
+
+    # Plain arrays only: the directory holds exactly the two files (no temporaries);
+    # the safetensors file is an 8-byte header length, a JSON header and raw tensor
+    # bytes that end exactly where the header says; the sidecar is JSON.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([SNAPSHOT_FILE, META_FILE])
+    raw = (tmp_path / SNAPSHOT_FILE).read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    assert {k: v["dtype"] for k, v in tensors.items()} == {"images": "U8", "labels": "I64", "features": "F32"}
+    assert max(v["data_offsets"][1] for v in tensors.values()) == len(raw) - 8 - header_len
+    assert json.loads(header["__metadata__"]["store"])["capacity_images"] == 100
+    sidecar = json.loads((tmp_path / META_FILE).read_text())
+    assert sidecar["file"] == SNAPSHOT_FILE and sidecar["shapes"]["images"] == [100, *SHAPE]
+    for p in tmp_path.iterdir():  # neither a pickle nor a torch.save zip
+        assert p.read_bytes()[:1] != b"\x80" and p.read_bytes()[:2] != b"PK"
+
+
+def test_killed_store_restarts_with_exactly_what_was_snapshotted(ray_local, tmp_path):
+    store = create_store(capacity_images=100, capacity_features=60, snapshot_dir=str(tmp_path),
+                         snapshot_every=2, max_restarts=-1)
+    ray.get(store.add.remote(*batch(0, 30)))
+    assert not (tmp_path / SNAPSHOT_FILE).exists()
+    ray.get(store.add.remote(*batch(30, 30, dim=3)[:2]))  # 2nd add: automatic snapshot (A)
+    stats = ray.get(store.stats.remote())
+    assert stats["last_snapshot"] == str(tmp_path / SNAPSHOT_FILE)
+    snapshotted = state(store)
+    ray.get(store.add.remote(*batch(60, 20)))  # B: never snapshotted
+    assert ray.get(store.size.remote()) == 80
+
+    ray.kill(store, no_restart=False)
+    deadline = time.monotonic() + 45
+    while True:  # Ray re-runs __init__, which restores the snapshot in snapshot_dir
+        try:
+            restarted = ray.get(store.stats.remote(), timeout=15)
+            if restarted["pid"] != stats["pid"]:
+                break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        assert time.monotonic() < deadline, "the store did not come back within 45 s"
+        time.sleep(0.2)
+    assert restarted["restored_from"] == str(tmp_path / SNAPSHOT_FILE) and restarted["adds"] == 2
+    assert_same_state(state(store), snapshotted)  # exactly A, bit for bit, capacities too
+    assert ray.get(store.add.remote(*batch(60, 20))) == 80  # and it goes on working
+
+
+# -- StoreBank as the bank of real synthesizers ---------------------------------------
+
+def spec():
+    from methods import ImageSpec
+
+    return ImageSpec(num_classes=10, channels=3, image_size=32,
+                     mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
+
+
+def resnet8_pair():
+    from models import create_model
+
+    torch.manual_seed(0)
+    return create_model("resnet8", num_classes=10), create_model("resnet8", num_classes=10)
+
+
+@ray.remote(num_cpus=1)
+def synthesize_into(bank: StoreBank) -> np.ndarray:
+    """A synthesizer in another worker process pushes one DeepInversion batch."""
+    torch.set_num_threads(1)
+    from methods import create_synthesizer, make_config, to_uint8
+
+    synth = create_synthesizer("deepinv", *resnet8_pair(), make_config("deepinv", "smoke"), spec(), bank=bank)
+    return to_uint8(synth.synthesize().images).numpy()
+
+
+def test_store_bank_feeds_real_synthesizers(store):
+    from methods import InstanceBank, create_synthesizer, make_config
+
+    bank = StoreBank(store)
+    kept = ray.get(synthesize_into.remote(bank))  # pushed from another process
+    assert len(bank) == len(kept) == 8
+    assert np.array_equal(bank.state_dict()["images"].numpy(), kept)
+
+    teacher, student = resnet8_pair()
+    trainer_side = create_synthesizer("deepinv", teacher, student, make_config("deepinv", "smoke"), spec(), bank=bank)
+    x = trainer_side.sample(16)  # pulled from the actor
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+
+    # CMI reads negatives from the store's feature bank on its second round.
+    cmi = create_synthesizer("cmi", teacher, student, make_config("cmi", "smoke"), spec(), bank=bank)
+    for _ in range(2):
+        cmi.synthesize()
+    assert len(bank) == 24 and bank.num_features() == 16
+    neg = bank.negatives(4)
+    assert neg.dtype == torch.float32 and neg.shape[0] == 4
+    images, labels = bank.sample_with_labels(5)
+    assert images.dtype == torch.uint8 and labels.dtype == torch.int64 and images.shape == (5, 3, 32, 32)
+
+    # Cell checkpoints: StoreBank and InstanceBank state dicts are interchangeable.
+    saved = {k: v.clone() if torch.is_tensor(v) else v for k, v in bank.state_dict().items()}
+    local = InstanceBank()
+    local.load_state_dict(saved)
+    empty(store)
+    bank.load_state_dict(local.state_dict())
+    again = bank.state_dict()
+    assert all(torch.equal(saved[k], again[k]) if torch.is_tensor(saved[k]) else saved[k] == again[k]
+               for k in saved)
+    with pytest.raises(ValueError, match="uint8"):
+        bank.add(torch.zeros(2, 3, 32, 32))
