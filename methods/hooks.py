@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .losses import bn_loss
+
 
 class BatchNormStatsHook:
     """Records, for the last forward through one BatchNorm2d, the distance of the batch
@@ -60,7 +62,6 @@ class BatchNormHooks:
             h.remove()
 
     def bn_loss(self) -> torch.Tensor:
-        from .losses import bn_loss
         return bn_loss(self.hooks)
 
     def features(self) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .augment import crop_and_flip
+from .augment import random_crop_with_padding, random_hflip
 from .bank import InstanceBank, from_uint8, to_uint8
 from .base import Synthesizer
 
@@ -29,9 +29,13 @@ class InversionSynthesizer(Synthesizer):
 
     def sample(self, batch_size: int) -> torch.Tensor:
         # The reference reads its pool back through the dataset's training transforms
-        # (random crop with padding 4, horizontal flip); the same, per image, on device.
+        # (CIFAR: random crop with padding 4, horizontal flip); the same, per image.
         x = from_uint8(self.bank.sample(batch_size)).to(self.device)
-        return crop_and_flip(x)
+        if self.spec.crop_padding:
+            x = random_crop_with_padding(x, self.spec.crop_padding)
+        if self.spec.hflip:
+            x = random_hflip(x)
+        return x
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "bank": self.bank.state_dict()}

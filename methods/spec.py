@@ -19,6 +19,10 @@ class ImageSpec:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # The dataset's training augmentation, which inversion methods apply to their pool
+    # as the reference does through its dataset transforms (CIFAR: crop pad 4 + flip).
+    crop_padding: int = 4
+    hflip: bool = True
 
     def __post_init__(self):
         if len(self.mean) != self.channels or len(self.std) != self.channels:

@@ -34,7 +34,7 @@ from orchestrator.distill import parse_sets
 from orchestrator.report import long_rows, plot_curves, write_tables
 from orchestrator.teachers import DEFAULT_DIR as DEFAULT_TEACHER_DIR
 from orchestrator.teachers import checkpoint_path
-from orchestrator.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
+from orchestrator.tracking import Tracker, cell_key, check_tracking_uri, resolve_tracking_uri
 
 MODES = ("paper", "shared")
 DEFAULT_METHODS = "dafl,deepinv,cmi"
@@ -240,14 +240,15 @@ def main(argv=None) -> int:
     finished = tracker.finished_cells() if args.resume else {}
 
     # Streams: paper mode, one per cell; shared mode, one per (dataset, teacher, method, seed).
-    streams = []
+    streams, reused = [], []
     for d in p["datasets"]:
         for m in p["methods"]:
             for seed in p["seeds"]:
                 by_teacher: dict[str, list[str]] = {}
                 for teacher, student in p["pairs"][d]:
                     key = CellKey(d, teacher, student, m, seed, args.budget, args.mode)
-                    if tuple(dataclasses.asdict(key).values()) in finished:
+                    if cell_key(dataclasses.asdict(key)) in finished:
+                        reused.append(key)
                         continue
                     by_teacher.setdefault(teacher, []).append(student)
                 for teacher, students in by_teacher.items():
@@ -266,7 +267,7 @@ def main(argv=None) -> int:
     concurrent = max(1, int(cpus // (per_actor * (1 + n_max)))) if not gpus else \
         max(1, int(ray.cluster_resources().get("GPU", 0) // gpus))
     n_cells = sum(len(s.students) for s in streams)
-    log(f"{n_cells} cells to run ({len(finished)} finished earlier), {len(streams)} streams, "
+    log(f"{n_cells} cells to run ({len(reused)} finished earlier), {len(streams)} streams, "
         f"{concurrent} at a time; MLflow: {p['uri']}")
     bar = tqdm(total=n_cells, desc="cells", unit="cell", dynamic_ncols=True)
 
@@ -288,7 +289,8 @@ def main(argv=None) -> int:
         return run_ids[key]
 
     def on_done(outcome):
-        summary = {**outcome.history.summary(), "wall_seconds": outcome.wall_seconds}
+        summary = {**outcome.history.summary(), "wall_seconds": outcome.wall_seconds,
+                   "teacher_accuracy": metas[(outcome.key.dataset, outcome.key.teacher)]["accuracy"]}
         status = outcome.history.status
         with lock:
             numeric = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
@@ -311,11 +313,11 @@ def main(argv=None) -> int:
     # --------------------------------------------------------------------- tables
     rows = []
     for o in outcomes:
-        rows += long_rows(o.key, o.history.status, {**o.history.summary(), "wall_seconds": o.wall_seconds,
-                                                     "teacher_accuracy": metas[(o.key.dataset, o.key.teacher)]["accuracy"]}
-                          | {})
-    for key_tuple, info in finished.items():
-        key = CellKey(*key_tuple[:4], int(key_tuple[4]), *key_tuple[5:])
+        rows += long_rows(o.key, o.history.status, {
+            **o.history.summary(), "wall_seconds": o.wall_seconds,
+            "teacher_accuracy": metas[(o.key.dataset, o.key.teacher)]["accuracy"]})
+    for key in reused:
+        info = finished[cell_key(dataclasses.asdict(key))]
         metrics = {k.removeprefix("final/"): v for k, v in info["metrics"].items() if k.startswith("final/")}
         rows += long_rows(key, "finished", metrics)
     if args.baselines:
@@ -346,7 +348,7 @@ def main(argv=None) -> int:
             print(paths[f"md_{d}"].read_text())
     failed = [o for o in outcomes if o.history.status != "finished"]
     print(f"{len(outcomes)} cells run in {time.perf_counter() - started:.0f}s, {len(failed)} failed, "
-          f"{len(finished)} reused; results in {out}")
+          f"{len(reused)} reused; results in {out}")
     print(f"browse the runs: {tracker.ui_command()}")
     return 1 if failed else 0
 

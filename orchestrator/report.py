@@ -22,7 +22,8 @@ def long_rows(key, status: str, metrics: dict[str, float], row: str | None = Non
     base = {"dataset": key.dataset, "teacher": key.teacher, "student": key.student,
             "row": row or row_name(key.method), "method": key.method, "seed": key.seed, "budget": key.budget,
             "mode": key.mode, "status": status}
-    return [{**base, "metric": m, "value": float(v)} for m, v in metrics.items()]
+    return [{**base, "metric": m, "value": float(v)} for m, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
 def _fmt(values: list[float]) -> str:

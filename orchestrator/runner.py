@@ -181,7 +181,7 @@ def _kind(method: str) -> str:
 def _save_grid(images: np.ndarray, path: Path) -> None:
     from torchvision.utils import save_image
 
-    save_image(torch.from_numpy(images).float() / 255, path, nrow=8, padding=1)
+    save_image(torch.from_numpy(np.array(images)).float() / 255, path, nrow=8, padding=1)
 
 
 def run_streams(runners: list[StreamRunner], max_concurrent: int, on_done=None) -> list[CellOutcome]:

@@ -62,9 +62,6 @@ CELL_FIELDS = ("dataset", "teacher", "student", "method", "seed", "budget", "mod
 DEFAULT_DB_NAME = "mlflow.db"
 _DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
-# MLflow 3's UI opens an experiment on its GenAI trace overview unless the experiment is
-# tagged as model training; with this tag `#/experiments/<id>` shows the runs table.
-_KIND_TAG, _KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class TrackingError(ValueError):
@@ -288,8 +285,7 @@ class Tracker:
             if exp is None:
                 try:
                     return self.client.create_experiment(
-                        self.experiment_name, artifact_location=self.artifact_location,
-                        tags={_KIND_TAG: _KIND})
+                        self.experiment_name, artifact_location=self.artifact_location)
                 except MlflowException as e:  # another process created it just now
                     exp = self.client.get_experiment_by_name(self.experiment_name)
                     if exp is None:
@@ -301,8 +297,6 @@ class Tracker:
                     " with MLFLOW_TRACKING_URI set) or choose another experiment name")
             # An existing experiment keeps its own artifact location.
             self.artifact_location = exp.artifact_location
-            if _KIND_TAG not in exp.tags:
-                self.client.set_experiment_tag(exp.experiment_id, _KIND_TAG, _KIND)
             return exp.experiment_id
 
     # -- runs
@@ -425,8 +419,13 @@ class Tracker:
     def ui_command(self) -> str:
         """The command that shows this store in MLflow's UI."""
         if self.is_remote:
-            return f"open {self.uri.rstrip('/')}/#/experiments/{self.experiment_id}"
+            return f"open {self.uri.rstrip('/')}/{self.ui_path()}"
         return f"mlflow ui --backend-store-uri {shlex.quote(self.uri)} --host 127.0.0.1"
+
+    def ui_path(self) -> str:
+        """The UI route of this experiment's runs table. MLflow 3's UI opens experiments on
+        its GenAI trace overview unless told `workflowType=machine_learning`."""
+        return f"#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
     def run_url(self, run_id: str) -> str | None:
         """The UI address of a run on a server (None for a local store)."""

@@ -54,9 +54,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
     pytest.fail(f"mlflow server not healthy after {timeout}s:\n{log.read_text()[-2000:]}")
 
 
-def _build_store(tmp_path: Path) -> tuple[str, str, str, dict[str, str]]:
-    uri = resolve_tracking_uri(None, tmp_path / "out")
-    tracker = Tracker(uri, "dfkd-ui", tmp_path / "artifacts")
+def _populate(tracker: Tracker) -> tuple[str, dict[str, str]]:
     parent = tracker.start_parent(PARENT, params={"methods": "dafl,cmi"}, tags={"kind": "bench"})
     children = {}
     for method, name in CHILDREN.items():
@@ -69,7 +67,7 @@ def _build_store(tmp_path: Path) -> tuple[str, str, str, dict[str, str]]:
         tracker.finish(run)
         children[method] = run
     tracker.finish(parent)
-    return uri, tracker.experiment_id, parent, children
+    return parent, children
 
 
 def test_child_runs_are_listed_in_mlflow_ui(tmp_path):
@@ -77,40 +75,50 @@ def test_child_runs_are_listed_in_mlflow_ui(tmp_path):
         pytest.skip(f"{CHROMIUM} is absent (Debian package `chromium`)")
     from playwright.sync_api import sync_playwright
 
-    uri, exp_id, parent_id, children = _build_store(tmp_path)
+    # The store's tables exist before the server starts (so the two never race to create
+    # them); the runs are written while the server boots, as a bench would.
+    tracker = Tracker(resolve_tracking_uri(None, tmp_path / "out"), "dfkd-ui", tmp_path / "artifacts")
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+               MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1",
-             "--port", str(port), "--backend-store-uri", uri,
+             "--port", str(port), "--backend-store-uri", tracker.uri,
              "--default-artifact-root", str(tmp_path / "server-artifacts")],
             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
             start_new_session=True)  # its own process group: the finally ends its workers too
+    shot = tmp_path / "mlflow_ui.png"
     try:
-        _wait_healthy(base, proc, log)
-        check_tracking_uri(base)
-
-        # The same store through the server, as `--tracking-uri http://...` would see it.
-        remote = Tracker(base, "dfkd-ui", None)
-        assert remote.experiment_id == exp_id
-        assert {c["run_id"] for c in remote.finished_cells().values()} == set(children.values())
-        assert remote.ui_command() == f"open {base}/#/experiments/{exp_id}"
-
-        shot = tmp_path / "mlflow_ui.png"
+        parent_id, children = _populate(tracker)
+        exp_id = tracker.experiment_id
         with sync_playwright() as pw:
+            # Chromium starts while the server is still importing.
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             try:
+                _wait_healthy(base, proc, log)
+                check_tracking_uri(base)
+                # The same store through the server, as `--tracking-uri http://...` sees it.
+                remote = Tracker(base, "dfkd-ui", None)
+                assert remote.experiment_id == exp_id
+                assert {c["run_id"] for c in remote.finished_cells().values()} == set(
+                    children.values())
+                assert remote.ui_command() == f"open {base}/{remote.ui_path()}"
+
                 page = browser.new_page(viewport={"width": 1600, "height": 900})
                 page.set_default_timeout(20_000)
-                page.goto(f"{base}/#/experiments/{exp_id}")
+                page.goto(f"{base}/{remote.ui_path()}")  # #/experiments/<id>/runs?...
                 try:
                     page.get_by_text(PARENT, exact=True).first.wait_for()
                 except Exception:
                     page.screenshot(path=str(shot))  # shows what the UI showed instead
                     raise
+                # Cosmetic, for the screenshot: fold away the assistant side panel.
+                close = page.get_by_role("button", name="Close")
+                if close.count() == 1:
+                    close.click()
                 # Child runs are collapsed under their parent: expand it.
                 missing = list(CHILDREN.values())
                 expander = page.locator('button[data-component-id*="runnamecellrenderer"]')
