@@ -57,13 +57,17 @@ class Synthesizer(abc.ABC):
     kind: ClassVar[str]  # "generator" or "inversion"
     Config: ClassVar[type[BaseConfig]]
     budgets: ClassVar[dict[str, dict]]
-    # Plain data for Ray Tune (the orchestrator converts it): field -> distribution.
+    # Plain data for Ray Tune, so methods/ needs no ray (the orchestrator converts it):
+    # field -> {"type": "loguniform" | "uniform", "low", "high"} (floats),
+    # {"type": "int", "low", "high"} (both inclusive) or {"type": "choice", "values": [...]}.
+    # Loss weights and lr_g only for inversion methods: their g_steps sets the budget.
     SEARCH_SPACE: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, teacher: nn.Module, student: nn.Module, config: BaseConfig,
                  spec: ImageSpec, bank: InstanceBank | None = None, device="cpu"):
         if not isinstance(config, self.Config):
-            raise ConfigError(f"{self.name} needs a {self.Config.__qualname__}, got {type(config).__qualname__}")
+            raise ConfigError(f"{self.name} needs a {self.Config.__qualname__}, "
+                              f"got {type(config).__qualname__}")
         self.teacher = teacher.eval()
         self.student = student
         self.config = config

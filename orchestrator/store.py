@@ -255,7 +255,8 @@ class SyntheticStore:
         return str(path)
 
     def restore(self, dir: str | None = None) -> int:  # noqa: A002
-        """Replace the contents with the snapshot in `dir`; returns the images held."""
+        """Replace the contents with the snapshot in `dir`, taking its capacities and
+        counters too; returns the images held."""
         from safetensors import safe_open
 
         path = self._dir(dir) / SNAPSHOT_FILE
@@ -338,6 +339,11 @@ class StoreBank:
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images_uint8.dtype} "
                              f"{tuple(images_uint8.shape)}; convert with methods.bank.to_uint8")
+
+        if labels is not None:
+            labels = labels.long()
+        if features is not None and features.is_floating_point():
+            features = features.float()  # the store checks that they are floats at all
 
         def array(t):
             return None if t is None else t.detach().cpu().contiguous().numpy()

@@ -34,16 +34,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-from mlflow.utils.validation import (
-    MAX_ENTITY_KEY_LENGTH,
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-    MAX_TAG_VAL_LENGTH,
-)
+# mlflow itself is imported lazily (it takes seconds), so the CLIs can resolve and check
+# the URI, and catch TrackingError, before paying for it. These limits are MLflow's
+# (mlflow.utils.validation); the store rejects anything beyond them.
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAM_VAL_LENGTH = 6000
+MAX_TAG_VAL_LENGTH = 8000
+MAX_ENTITY_KEY_LENGTH = 250
 
 __all__ = [
     "CELL_FIELDS",
@@ -261,8 +259,11 @@ class Tracker:
         if self.is_sqlite:
             _sqlite_path(uri).parent.mkdir(parents=True, exist_ok=True)
         if artifact_root is None and not self.is_remote:
-            artifact_root = (_sqlite_path(uri).parent if self.is_sqlite else Path.cwd()) / "mlartifacts"
+            base = _sqlite_path(uri).parent if self.is_sqlite else Path.cwd()
+            artifact_root = base / "mlartifacts"
         self.artifact_location = self._artifact_location(artifact_root, experiment_name)
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
         try:
             self.client = MlflowClient(tracking_uri=uri)
             self.experiment_id = self._get_or_create_experiment()
@@ -280,6 +281,7 @@ class Tracker:
         return path.as_uri()
 
     def _get_or_create_experiment(self) -> str:
+        from mlflow.exceptions import MlflowException
         with self._lock:
             exp = self.client.get_experiment_by_name(self.experiment_name)
             if exp is None:
@@ -325,6 +327,7 @@ class Tracker:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Flattened, stringified params in batches of MLflow's 100 per call. A param is
         immutable once logged: logging the same key again with another value fails."""
+        from mlflow.entities import Param
         flat = flatten_params(params)
         entries = [Param(k, v) for k, v in flat.items()]
         with self._lock:
@@ -332,6 +335,7 @@ class Tracker:
                 self.client.log_batch(run_id, params=chunk, synchronous=True)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
         entries = [RunTag(str(k), _tag_value(v)) for k, v in tags.items() if v is not None]
         with self._lock:
             for chunk in _chunks(entries, MAX_PARAMS_TAGS_PER_BATCH):
@@ -342,6 +346,7 @@ class Tracker:
         `loss_kd`); None and non-numeric values are skipped. NaN and Inf are logged on
         purpose: MLflow accepts them (SQL stores NaN as a flag and clamps Inf to the
         largest float), and a diverged cell should show its NaN rather than a gap."""
+        from mlflow.entities import Metric
         ts = int(time.time() * 1000)
         entries = []
         for key, value in metrics.items():
@@ -393,13 +398,13 @@ class Tracker:
         (tag values in CELL_FIELDS order, None when a tag is missing; see `cell_key`).
         Value: {"run_id", "metrics" (latest value per key), "tags"}. When a cell finished
         more than once, the most recent run wins."""
+        from mlflow.entities import ViewType
         out: dict[tuple, dict] = {}
         token = None
-        status = RunStatus.to_string(RunStatus.FINISHED)
         while True:
             with self._lock:
                 page = self.client.search_runs(
-                    [self.experiment_id], filter_string=f"attributes.status = '{status}'",
+                    [self.experiment_id], filter_string="attributes.status = 'FINISHED'",
                     run_view_type=ViewType.ACTIVE_ONLY, max_results=self.page_size,
                     order_by=["attributes.start_time DESC"], page_token=token)
             for run in page:

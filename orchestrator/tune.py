@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from orchestrator.bench import check_address, check_writable, ensure_classifiers
 from orchestrator.cell import BUDGETS, CellKey, CellRequest, check_cell, run_cell
 from orchestrator.cli import ArgumentParser, UsageError, run_cli
 from orchestrator.distill import add_data_args, parse_sets
+from orchestrator.teachers import checkpoint_path
 from orchestrator.search_space import check_space, load_space, space_json, to_tune
 from orchestrator.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 
@@ -116,8 +116,12 @@ def plan(args) -> dict:
             raise UsageError(f"--resume: no search to continue at {storage / name}; run without --resume")
     elif (storage / name).exists():
         raise UsageError(f"a search named {name!r} exists in {storage}; add --resume to continue it")
-    return {"key": key, "fixed": fixed, "space": space, "max_t": max_t, "data_root": data_root, "out": out,
-            "storage": storage, "uri": uri, "name": name, "record": out / "searches" / f"{name}.json"}
+    p = {"key": key, "fixed": fixed, "space": space, "max_t": max_t, "num_samples": args.num_samples,
+         "metric": args.metric, "mode": args.mode, "data_root": data_root, "out": out, "storage": storage,
+         "uri": uri, "name": name, "record": out / "searches" / f"{name}.json"}
+    if args.resume and p["record"].exists():  # the search goes on as it was started
+        p.update({k: v for k, v in json.loads(p["record"].read_text())["settings"].items() if k != "key"})
+    return p
 
 
 def _can_restore(path: Path) -> bool:
@@ -157,15 +161,28 @@ def make_trainable(ctx: dict):
             with checkpoint.as_directory() as folder:
                 shutil.copy(Path(folder) / "state.pt", state)
 
+        epochs = make_config(request.key.method, request.key.budget, request.overrides).epochs
+        last: dict = {}
+
+        def report(metrics: dict) -> None:
+            folder = trial_dir / "report"  # what Tune copies into the trial's checkpoint
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            os.link(state, folder / "state.pt")  # a hard link: state.pt is replaced, never rewritten
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
+
         def on_epoch(epoch: int, metrics: dict) -> None:
             metrics = {"val_accuracy": metrics.pop("accuracy"), "epoch": epoch, **metrics}
-            with tempfile.TemporaryDirectory(dir=trial_dir) as folder:
-                os.link(state, Path(folder) / "state.pt")  # same file system: no copy
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+            if epoch < epochs:
+                report(metrics)
+            else:  # Tune stops a trial at max_t inside report: let run_cell write its files first
+                last.update(metrics)
 
         result = run_cell(request, on_epoch=on_epoch, log=lambda *_: None)
         if result.history.status != "finished":
             raise TrialFailed(result.history.status)
+        if last:
+            report(last)
 
     return trial
 
@@ -270,6 +287,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     p = plan(args)
     key, out = p["key"], p["out"]
+    # Tiny trials checkpoint often; Tune's warning about frequent state snapshots is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import torch
 
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else float(torch.cuda.is_available())
@@ -278,20 +297,27 @@ def main(argv=None) -> int:
     if not (args.resume and record.exists()):
         parent = tracker.start_parent(p["name"], tags={"kind": "tune", **key.tags()}, params={
             "method": key.method, "dataset": key.dataset, "pair": f"{key.teacher}:{key.student}",
-            "budget": key.budget, "num_samples": args.num_samples, "space": space_json(p["space"]),
-            "fixed": json.dumps(p["fixed"]), "metric": args.metric, "mode": args.mode, "seed": args.seed})
+            "budget": key.budget, "num_samples": p["num_samples"], "space": space_json(p["space"]),
+            "fixed": json.dumps(p["fixed"]), "metric": p["metric"], "mode": p["mode"], "seed": args.seed})
+        settings = {k: p[k] for k in ("fixed", "space", "max_t", "num_samples", "metric", "mode")}
         record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"parent": parent, "name": p["name"], "trials": {}}, indent=2))
+        record.write_text(json.dumps({"parent": parent, "name": p["name"], "settings": settings, "trials": {}},
+                                     indent=2))
     parent = json.loads(record.read_text())["parent"]
 
-    ray = start_ray(args.address)
+    import ray
+    owned = not ray.is_initialized()  # a caller that started Ray itself keeps it
+    if owned:
+        start_ray(args.address)
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     try:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        ensure_classifiers(ray, [(key.dataset, key.teacher)], args, {key.dataset: p["data_root"]}, device, print)
+        if not checkpoint_path(Path(args.teacher_dir).resolve(), key.dataset, key.teacher).exists():
+            device = "cuda" if torch.cuda.is_available() else "cpu"  # trained once here, not by each trial
+            ensure_classifiers(ray, [(key.dataset, key.teacher)], args, {key.dataset: p["data_root"]}, device,
+                               print)
         ctx = {"key": dataclasses.asdict(key), "fixed": p["fixed"], "data_root": p["data_root"], "gpus": gpus,
                "teacher_dir": str(Path(args.teacher_dir).resolve()), "threads": max(int(args.cpus_per_trial), 1)}
         trainable = tune.with_resources(make_trainable(ctx), {"cpu": args.cpus_per_trial, "gpu": gpus})
@@ -305,7 +331,7 @@ def main(argv=None) -> int:
             tuner = tune.Tuner(
                 trainable, param_space=to_tune(p["space"]),
                 tune_config=tune.TuneConfig(
-                    metric=args.metric, mode=args.mode, num_samples=args.num_samples,
+                    metric=p["metric"], mode=p["mode"], num_samples=p["num_samples"],
                     max_concurrent_trials=args.max_concurrent, search_alg=OptunaSearch(seed=args.seed),
                     scheduler=ASHAScheduler(time_attr="training_iteration", max_t=p["max_t"],
                                             grace_period=min(args.grace_period, p["max_t"]))),
@@ -314,12 +340,13 @@ def main(argv=None) -> int:
                     failure_config=tune.FailureConfig(max_failures=args.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         results = tuner.fit()
-        return report(results, args, p, tracker, parent)
+        return report(results, p, tracker, parent)
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
 
 
-def report(results, args, p, tracker: Tracker, parent: str) -> int:
+def report(results, p: dict, tracker: Tracker, parent: str) -> int:
     """The table, the best config on the test set, the preset file, MLflow's parent run."""
     import pandas as pd
 
@@ -335,12 +362,12 @@ def report(results, args, p, tracker: Tracker, parent: str) -> int:
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.4g}") if rows else "no trials ran")
     # Tune marks trials it stopped on an interrupt as terminated; the record knows better.
     done = sum(t.get("status") in ("FINISHED", "ERRORED") for t in trials.values())
-    if done < args.num_samples:
-        print(f"\nthe search stopped after {done} of {args.num_samples} trials; continue it with "
+    if done < p["num_samples"]:
+        print(f"\nthe search stopped after {done} of {p['num_samples']} trials; continue it with "
               f"--resume --name {p['name']}")
         return 130
     try:
-        best = results.get_best_result(args.metric, args.mode, scope="last", filter_nan_and_inf=True)
+        best = results.get_best_result(p["metric"], p["mode"], scope="last", filter_nan_and_inf=True)
     except RuntimeError:
         best = None
     if best is None or best.checkpoint is None:

@@ -77,7 +77,8 @@ def test_child_runs_are_listed_in_mlflow_ui(tmp_path):
 
     # The store's tables exist before the server starts (so the two never race to create
     # them); the runs are written while the server boots, as a bench would.
-    tracker = Tracker(resolve_tracking_uri(None, tmp_path / "out"), "dfkd-ui", tmp_path / "artifacts")
+    uri = resolve_tracking_uri(None, tmp_path / "out")
+    tracker = Tracker(uri, "dfkd-ui", tmp_path / "artifacts")
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "server.log"

@@ -126,11 +126,13 @@ def test_finished_cells_pages_through_results(store):
 def test_artifacts_land_under_artifact_root_not_cwd(store):
     assert list(store["cwd"].iterdir()) == []
     tracker, dafl = store["tracker"], store["children"]["dafl"]
-    assert tracker.artifact_location == (store["root"] / "artifacts" / EXPERIMENT).resolve().as_uri()
+    expected = (store["root"] / "artifacts" / EXPERIMENT).resolve().as_uri()
+    assert tracker.artifact_location == expected
     run_dir = store["root"] / "artifacts" / EXPERIMENT / dafl / "artifacts"
     assert (run_dir / "images" / "grid.png").read_bytes() == b"\x89PNG fake"
     assert (run_dir / "table.md").read_text().startswith("| a |")
-    assert pd.read_json(run_dir / "table.json", orient="split")["acc"].tolist() == pytest.approx([0.3])
+    table = pd.read_json(run_dir / "table.json", orient="split")
+    assert table["acc"].tolist() == pytest.approx([0.3])
     names = {f.path for f in tracker.client.list_artifacts(dafl)}
     assert names == {"images", "table.md", "table.json"}
 
@@ -193,3 +195,12 @@ def test_names_and_params_are_sanitized():
     assert sanitize_key("") == "_"
     flat = flatten_params({"a": {"b": [1, 2], "c": None, "d": {}}, "e f": Path("/x")})
     assert flat == {"a.b": "[1, 2]", "a.c": "None", "a.d": "{}", "e f": "/x"}
+
+
+def test_limits_match_mlflow():
+    from mlflow.utils import validation
+
+    import orchestrator.tracking as tracking
+    for name in ("MAX_PARAMS_TAGS_PER_BATCH", "MAX_METRICS_PER_BATCH", "MAX_PARAM_VAL_LENGTH",
+                 "MAX_TAG_VAL_LENGTH", "MAX_ENTITY_KEY_LENGTH"):
+        assert getattr(tracking, name) == getattr(validation, name), name

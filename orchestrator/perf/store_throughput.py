@@ -2,6 +2,7 @@
 
     python -m orchestrator.perf.store_throughput                 # the bar, ~1 min
     python -m orchestrator.perf.store_throughput --seconds 5 --depth 1 2 4 --check
+    python -m orchestrator.perf.store_throughput --inline-returns   # Ray system-config variant
 
 Fills a SyntheticStore actor with 50,000 random uint8 3x32x32 images, then a consumer
 actor calls `store.sample.remote(256)` in a loop for a few seconds, with 1 request in
@@ -73,6 +74,9 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, nargs="+", default=[1, 2, 4],
                         help="requests in flight (1 = serial)")
     parser.add_argument("--address", default=None, help="join a running cluster (default: local)")
+    parser.add_argument("--inline-returns", action="store_true",
+                        help="start Ray with max_direct_call_object_size=2 MiB, so batches come "
+                             "back in the task reply instead of through the shared-memory store")
     parser.add_argument("--check", action="store_true", help=f"exit 1 below {BAR:,} images/s")
     args = parser.parse_args(argv)
     if args.images < 1 or args.batch_size < 1 or min(args.depth) < 1:
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
     if args.address:
         ray.init(address=args.address)
     else:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        system = {"max_direct_call_object_size": 2 << 20} if args.inline_returns else {}
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=system)
     try:
         store = create_store()
         for i in range(0, args.images, 5_000):  # 15 MB per call
@@ -110,6 +115,8 @@ def main(argv=None) -> int:
     finally:
         ray.shutdown()
 
+    print("batches travel " + ("inline in task replies (--inline-returns)" if args.inline_returns
+                               else "through Ray's shared-memory object store (default config)"))
     rows = [("in-process InstanceBank.sample (reference)", reference, ""),
             ("in-process SyntheticStore.sample, no Ray", no_ray, "")]
     for d, r in results.items():

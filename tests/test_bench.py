@@ -1,0 +1,126 @@
+"""The bench end to end: real local Ray, real MLflow SQLite store, real (tiny) data.
+
+The bench is run as users run it, `python -m orchestrator.bench ...` in a subprocess."""
+import os
+import socket
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.test_datasets import make_mnist_like
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    make_mnist_like(root / "data" / "mnist", n=64)
+    from orchestrator.teachers import default_recipe, get_classifier
+    get_classifier("mnist", "resnet8", out=root / "teachers", recipe=default_recipe("mnist", epochs=1, batch_size=32),
+                   data_root=root / "data", progress=False, log=lambda *_: None)
+    return root
+
+
+def bench(env, out, *extra, timeout=420):
+    argv = [sys.executable, "-m", "orchestrator.bench", "--datasets", "mnist", "--pairs", "resnet8:resnet8",
+            "--budget", "smoke", "--data-root", str(env / "data"), "--teacher-dir", str(env / "teachers"),
+            "--out", str(out), "--device", "cpu", *extra]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+
+
+def runs(out):
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("dfkd-bench")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_smoke_bench_tables_match_mlflow_and_resume_starts_nothing(env, tmp_path):
+    out = tmp_path / "out"
+    proc = bench(env, out, "--methods", "dafl,cmi")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
+    client, all_runs = runs(out)
+    parents = [r for r in all_runs if r.data.tags.get("kind") == "bench"]
+    children = [r for r in all_runs if "cell.method" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["cell.method"] for c in children} == {"dafl", "cmi"}
+    for c in children:
+        assert c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert {"cell.dataset", "cell.teacher", "cell.student", "cell.seed", "cell.budget", "cell.mode"} <= set(c.data.tags)
+        assert c.info.status == "FINISHED" and c.data.params["g_steps"] == "2"
+        history = client.get_metric_history(c.info.run_id, "accuracy")
+        assert [m.step for m in history] == [1]
+        # the table's numbers are the logged metrics
+        long = pd.read_csv(out / "results.csv")
+        row = long[(long.method == c.data.tags["cell.method"]) & (long.metric == "accuracy")]
+        assert row.value.iloc[0] == pytest.approx(history[-1].value)
+        table = (out / "table_mnist.md").read_text()
+        assert f"{history[-1].value:.2f}" in table
+    for name in ("results.csv", "table_mnist.md", "table_mnist.tex", "accuracy_mnist.png"):
+        assert (out / name).exists()
+    assert len(list((out / "cells").glob("*/grid.png"))) == 2
+
+    again = bench(env, out, "--methods", "dafl,cmi", "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 cells to run (2 finished earlier)" in again.stderr + again.stdout
+    _, after = runs(out)
+    assert len([r for r in after if "cell.method" in r.data.tags]) == 2  # no new cell run
+    assert "DAFL" in again.stdout and "CMI" in again.stdout
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--methods", "nosuch"], "unknown method"),
+    (["--datasets", "imagenet"], "known datasets"),
+    (["--pairs", "resnet8-resnet8"], "teacher:student"),
+    (["--pairs", "resnet8:resnet1000"], "resnet1000"),
+    (["--set", "nosuch=1"], "no method"),
+    (["--address", "127.0.0.1:9"], "no Ray cluster"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "MLflow"),
+])
+def test_bad_input_exits_2_before_starting(env, tmp_path, extra, needle):
+    out = tmp_path / "out"
+    proc = bench(env, out, *extra, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "mlflow.db").exists()
+
+
+def test_unwritable_out(env, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = bench(env, blocker / "out", timeout=120)
+    assert proc.returncode == 2 and "not writable" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cluster_head_via_address_and_a_nan_cell_fails_alone(env, tmp_path):
+    port = free_port()
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    temp = tmp_path / "ray"
+    start = subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                            "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", str(temp),
+                            "--disable-usage-stats"], capture_output=True, text=True, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        out = tmp_path / "out"
+        # dafl with an absurd learning rate diverges to NaN; deepinv must still finish.
+        proc = bench(env, out, "--methods", "dafl,deepinv", "--set", "dafl.lr=1e30",
+                     "--address", f"127.0.0.1:{port}")
+        assert proc.returncode == 1, proc.stderr[-3000:]  # one cell failed
+        _, all_runs = runs(out)
+        status = {r.data.tags["cell.method"]: r.info.status for r in all_runs if "cell.method" in r.data.tags}
+        assert status == {"dafl": "FAILED", "deepinv": "FINISHED"}
+        table = (out / "table_mnist.md").read_text()
+        assert "failed" in table.split("DAFL")[1].splitlines()[0]
+        assert "1 failed" in proc.stdout
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120,
+                       env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"})
