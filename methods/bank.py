@@ -65,8 +65,9 @@ class _Fifo:
             self.size += n
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows by logical index (0 = oldest)."""
-        return self.data[(self.start + index) % len(self.data)]
+        """Rows by logical index (0 = oldest). index_select, not x[index]: several times
+        faster for image rows."""
+        return self.data.index_select(0, (self.start + index) % len(self.data))
 
     def ordered(self) -> torch.Tensor:
         return self.take(torch.arange(self.size))

@@ -96,6 +96,11 @@ def test_add_sample_negatives_round_trip(store):
     more = ray.get(store.sample.remote(500))  # more than held: with replacement
     assert more.shape == (500, *SHAPE) and np.array_equal(more, images[ids_of(more)])
 
+    prefetching = StoreBank(store, prefetch=2)  # keeps 2 requests in flight
+    for n in (32, 32, 32, 8):
+        x = prefetching.sample(n).numpy()
+        assert x.shape == (n, *SHAPE) and np.array_equal(x, images[ids_of(x)])
+
     neg = ray.get(store.negatives.remote(16))
     assert neg.dtype == np.float32 and neg.shape == (16, 4)
     assert len(set(neg[:, 0].tolist())) == 16 and np.array_equal(neg, features[neg[:, 0].astype(int)])
@@ -104,7 +109,7 @@ def test_add_sample_negatives_round_trip(store):
     stats = ray.get(store.stats.remote())
     assert (stats["images"], stats["features"]) == (150, 150)
     assert stats["adds"] - before["adds"] == 3 and stats["images_added"] - before["images_added"] == 150
-    assert stats["samples_served"] - before["samples_served"] == 64 + 40 + 500
+    assert stats["samples_served"] - before["samples_served"] == 64 + 40 + 500 + 5 * 32 + 3 * 8  # prefetches count
     assert stats["bytes"] == images.nbytes + labels.nbytes + features.nbytes
 
 
