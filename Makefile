@@ -11,6 +11,7 @@ bench: $(STAMP) data
 	$(PY) -m orchestrator.bench
 
 test: $(STAMP) data
+	@bash scripts/ensure_system.sh --with-browser
 	$(PY) -m pytest -m "not benchmark" tests
 
 # Slow figures reported in the README (accuracy, throughput); not part of `make test`.
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Debian ships the real Fashion-MNIST files; install them when apt is there and they are not.
 data:
-	@bash scripts/ensure_data.sh
+	@bash scripts/ensure_system.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info

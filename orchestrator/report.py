@@ -61,6 +61,26 @@ def accuracy_table(long: pd.DataFrame, dataset: str, row_order: list[str]) -> pd
     return frame
 
 
+COST_METRICS = {"accuracy": "student %", "teacher_accuracy": "teacher %", "synthesis_seconds": "synthesis s",
+                "kd_seconds": "KD s", "images_synthesized": "images", "synthesis_images_per_second": "img/s",
+                "wall_seconds": "wall s"}
+
+
+def cost_table(long: pd.DataFrame, dataset: str, row_order: list[str]) -> pd.DataFrame:
+    """Per method and pair, means over seeds: accuracy next to what it cost."""
+    df = long[(long.dataset == dataset) & long.metric.isin(list(COST_METRICS)) & (long.status == "finished")]
+    if df.empty:
+        return pd.DataFrame()
+    df = df.assign(pair=df.teacher + "->" + df.student)
+    table = df.pivot_table(index=["row", "pair"], columns="metric", values="value", aggfunc="mean")
+    table = table[[m for m in COST_METRICS if m in table.columns]].rename(columns=COST_METRICS)
+    order = {r: i for i, r in enumerate(row_order)}
+    table = table.sort_index(key=lambda idx: idx.map(lambda r: order.get(r, len(order))) if idx.name == "row"
+                             else idx)
+    table.index.names = ["Method", "Pair"]
+    return table.round(2)
+
+
 def write_tables(long: pd.DataFrame, out: Path, row_order: list[str]) -> dict[str, Path]:
     """Writes results.csv (long) and per dataset table_<dataset>.{md,tex}; returns paths."""
     out.mkdir(parents=True, exist_ok=True)
@@ -69,8 +89,11 @@ def write_tables(long: pd.DataFrame, out: Path, row_order: list[str]) -> dict[st
     for dataset in dict.fromkeys(long.dataset):
         table = accuracy_table(long, dataset, row_order)
         md, tex = out / f"table_{dataset}.md", out / f"table_{dataset}.tex"
+        cost = cost_table(long, dataset, row_order)
         md.write_text(f"### {dataset}: student test accuracy (%), mean ± std over seeds "
-                      f"[published]\n\n{table.to_markdown()}\n")
+                      f"[published]\n\n{table.to_markdown()}\n"
+                      + (f"\n### {dataset}: what each finished cell cost (means over seeds)\n\n"
+                         f"{cost.reset_index().to_markdown(index=False)}\n" if not cost.empty else ""))
         tex.write_text(table.to_latex(escape=True))
         paths[f"md_{dataset}"], paths[f"tex_{dataset}"] = md, tex
     return paths
