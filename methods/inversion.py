@@ -10,6 +10,17 @@ from .bank import InstanceBank, from_uint8, to_uint8
 from .base import Synthesizer
 
 
+def augment_pool_batch(x: torch.Tensor, spec) -> torch.Tensor:
+    """How KD reads an inversion pool: the reference reads it back through the dataset's
+    training transforms (CIFAR: random crop with padding 4, horizontal flip); the same,
+    one draw per image. Also used by the Ray trainer actors that pull from a store."""
+    if spec.crop_padding:
+        x = random_crop_with_padding(x, spec.crop_padding)
+    if spec.hflip:
+        x = random_hflip(x)
+    return x
+
+
 class InversionSynthesizer(Synthesizer):
     kind = "inversion"
 
@@ -28,14 +39,7 @@ class InversionSynthesizer(Synthesizer):
         return images
 
     def sample(self, batch_size: int) -> torch.Tensor:
-        # The reference reads its pool back through the dataset's training transforms
-        # (CIFAR: random crop with padding 4, horizontal flip); the same, per image.
-        x = from_uint8(self.bank.sample(batch_size)).to(self.device)
-        if self.spec.crop_padding:
-            x = random_crop_with_padding(x, self.spec.crop_padding)
-        if self.spec.hflip:
-            x = random_hflip(x)
-        return x
+        return augment_pool_batch(from_uint8(self.bank.sample(batch_size)).to(self.device), self.spec)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "bank": self.bank.state_dict()}

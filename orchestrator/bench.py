@@ -187,7 +187,9 @@ def start_ray(address: str | None):
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            # "local": always a Ray of our own; a bare ray.init() would join (and fail on
+            # num_cpus with) any cluster another user started on this machine with `ray start`.
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError) as exc:
         raise UsageError(f"cannot join Ray at {address or 'local'}: {str(exc).splitlines()[0]}") from None
     return ray

@@ -27,7 +27,7 @@ from methods import ImageSpec, InstanceBank, create_synthesizer, get_method, mak
 from models import create_model
 from orchestrator.checkpoints import load_classifier, save_classifier
 from orchestrator.cli import UsageError
-from orchestrator.loop import History, distill
+from orchestrator.loop import History, distill, image_spec_for
 from orchestrator.pools import load_pool, save_pool
 from orchestrator.teachers import DEFAULT_DIR as DEFAULT_TEACHER_DIR
 from orchestrator.teachers import get_classifier
@@ -89,6 +89,10 @@ class CellResult:
                 "wall_seconds": self.wall_seconds}
 
 
+def image_spec(dataset: str) -> ImageSpec:
+    return image_spec_for(get_dataset_spec(dataset))
+
+
 def check_cell(key: CellKey, overrides: dict | None = None):
     """Raises a user error for anything wrong with the cell; returns its method config."""
     spec = get_dataset_spec(key.dataset)
@@ -137,12 +141,11 @@ def run_cell(request: CellRequest, *, on_epoch: Callable[[int, dict], None] | No
     torch.manual_seed(key.seed)
     student = create_model(key.student, spec.num_classes, in_channels=spec.channels,
                            image_size=spec.image_size).to(request.device)
-    image_spec = ImageSpec(spec.num_classes, spec.channels, spec.image_size, spec.mean, spec.std)
     bank = bank if bank is not None else InstanceBank()
     if request.init_pool:
         load_pool(request.init_pool, bank, spec.channels, spec.image_size)
         log(f"seeded the pool with {len(bank)} images from {request.init_pool}")
-    synthesizer = create_synthesizer(key.method, teacher, student, config, image_spec, bank=bank,
+    synthesizer = create_synthesizer(key.method, teacher, student, config, image_spec(key.dataset), bank=bank,
                                      device=request.device)
 
     cell_dir = request.cell_dir

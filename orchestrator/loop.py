@@ -21,9 +21,15 @@ from typing import Callable
 
 import torch
 
-from benchmarks.datasets import ImageSet
+from benchmarks.datasets import DatasetSpec, ImageSet
 from methods import ImageSpec, kd_loss
 from orchestrator.training import evaluate
+
+
+def image_spec_for(spec: DatasetSpec) -> ImageSpec:
+    """What the methods need to know about a dataset's images."""
+    return ImageSpec(spec.num_classes, spec.channels, spec.image_size, spec.mean, spec.std,
+                     crop_padding=spec.crop_padding, hflip=spec.hflip)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -93,8 +99,7 @@ class Trainer:
                  device="cpu"):
         self.teacher, self.student, self.config, self.eval_set = teacher.eval(), student.to(device), config, eval_set
         self.device = device
-        spec = eval_set.spec
-        self.image_spec = ImageSpec(spec.num_classes, spec.channels, spec.image_size, spec.mean, spec.std)
+        self.image_spec = image_spec_for(eval_set.spec)
         self.optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
 

@@ -21,17 +21,13 @@ import ray
 import torch
 
 from benchmarks.datasets import get_dataset_spec, load_split
-from methods import ImageSpec, create_synthesizer, from_uint8, get_method, make_config, to_uint8
-from methods.augment import crop_and_flip
+from methods import create_synthesizer, from_uint8, get_method, make_config, to_uint8
+from methods.inversion import augment_pool_batch
 from models import create_model
+from orchestrator.cell import image_spec, validation_split
 from orchestrator.checkpoints import load_classifier, save_classifier
 from orchestrator.loop import Trainer
 from orchestrator.store import StoreBank
-
-
-def _image_spec(dataset: str) -> ImageSpec:
-    spec = get_dataset_spec(dataset)
-    return ImageSpec(spec.num_classes, spec.channels, spec.image_size, spec.mean, spec.std)
 
 
 def _to_numpy(state: dict) -> dict:
@@ -63,7 +59,7 @@ class SynthesizerWorker:
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         self.device = device
-        spec = _image_spec(dataset)
+        spec = image_spec(dataset)
         self.config = make_config(method, budget, overrides)
         teacher, _ = load_classifier(teacher_ckpt, dataset=dataset, device=device)
         for p in teacher.parameters():
@@ -105,8 +101,6 @@ class TrainerWorker:
     def __init__(self, dataset: str, method: str, budget: str, overrides: dict, teacher_ckpt: str, student: str,
                  seed: int, source, device: str = "cpu", threads: int = 1, eval_split: str = "test",
                  data_root: str | None = None):
-        from orchestrator.cell import validation_split
-
         torch.set_num_threads(threads)
         torch.manual_seed(seed)  # the same student initialisation as `distill` for this seed
         spec = get_dataset_spec(dataset)
@@ -118,6 +112,7 @@ class TrainerWorker:
         else:
             eval_set = load_split(dataset, "test", data_root)
         self.trainer = Trainer(teacher, model, config, eval_set, device)
+        self.image_spec = image_spec(dataset)
         self.source, self.device = source, device
         # Inversion pools are read through the dataset's train transforms (crop + flip),
         # exactly as the synthesizer's own `sample` does in a single process.
@@ -128,7 +123,7 @@ class TrainerWorker:
 
     def _sample(self, batch_size: int) -> torch.Tensor:
         images = from_uint8(torch.from_numpy(ray.get(self.source.sample.remote(batch_size)))).to(self.device)
-        return crop_and_flip(images) if self.augment else images
+        return augment_pool_batch(images, self.image_spec) if self.augment else images
 
     def kd_round(self) -> dict:
         tick = time.perf_counter()

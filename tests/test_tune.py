@@ -73,7 +73,7 @@ def smoke(env):
     import ray
 
     out = env / "smoke"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # not another user's
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):
