@@ -190,8 +190,9 @@ def start_ray(address: str | None):
             # "local": always a Ray of our own; a bare ray.init() would join (and fail on
             # num_cpus with) any cluster another user started on this machine with `ray start`.
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    except (ConnectionError, RuntimeError) as exc:
-        raise UsageError(f"cannot join Ray at {address or 'local'}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # ConnectionError, a timed-out raylet, ...: one message, no traceback
+        raise UsageError(f"cannot start or join Ray at {address or 'local'}: "
+                         f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
     return ray
 
 

@@ -4,7 +4,7 @@ into Ray Tune distributions.
     {"lr_g":    {"type": "loguniform", "low": 1e-4, "high": 1e-2},
      "oh":      {"type": "uniform", "low": 0.0, "high": 2.0},
      "g_steps": {"type": "int", "low": 1, "high": 5},            # both ends included
-     "bn":      {"type": "int", "low": 0, "high": 20, "step": 5},  # 0, 5, 10, 15, 20
+     "synthesis_batch_size": {"type": "int", "low": 64, "high": 256, "step": 64},  # 64 ... 256
      "kd_criterion": {"type": "choice", "values": ["kl", "l1"]}}
 
 `check_space` refuses, with one UsageError line, everything that would otherwise fail
@@ -110,6 +110,8 @@ def check_space(method: str, space: dict, budget: str = "cpu", fixed: dict | Non
                 if not all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high, step)) or step < 1:
                     raise UsageError(f"{where}: an int range needs whole-number low, high (and step >= 1), "
                                      f"got low={low!r} high={high!r}")
+                if (high - low) % step:
+                    raise UsageError(f"{where}: high - low ({high - low}) must be a multiple of step ({step})")
             elif ftype is int:
                 raise UsageError(f"{where}: {name} is an int setting; use type int, not {kind}")
             if not low < high:

@@ -25,17 +25,17 @@ import shutil
 import time
 from pathlib import Path
 
+from ray.tune import Callback  # importing Ray's API does not start Ray
+
 from benchmarks.datasets import get_dataset_spec, load_split
 from methods import get_method, list_methods, make_config
 from orchestrator.bench import check_address, check_writable, ensure_classifiers, parse_pairs, start_ray
 from orchestrator.cell import BUDGETS, CellKey, CellRequest, check_cell, run_cell
 from orchestrator.cli import ArgumentParser, UsageError, run_cli
 from orchestrator.distill import add_data_args, parse_sets
-from orchestrator.teachers import checkpoint_path
 from orchestrator.search_space import check_space, load_space, space_json, to_tune
+from orchestrator.teachers import checkpoint_path
 from orchestrator.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
-
-from ray.tune import Callback  # importing Ray's API does not start Ray
 
 METRICS = ("val_accuracy", "kd/loss", "synth/total")  # reported by every method, every epoch
 
@@ -168,7 +168,10 @@ def make_trainable(ctx: dict):
             folder = trial_dir / "report"  # what Tune copies into the trial's checkpoint
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir()
-            os.link(state, folder / "state.pt")  # a hard link: state.pt is replaced, never rewritten
+            try:  # a hard link is enough: the loop replaces state.pt, it never rewrites it
+                os.link(state, folder / "state.pt")
+            except OSError:  # a file system without hard links
+                shutil.copy2(state, folder / "state.pt")
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)))
 
         def on_epoch(epoch: int, metrics: dict) -> None:

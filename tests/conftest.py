@@ -6,4 +6,6 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests use tiny models and batches, where a second thread costs more than it gives
+# (and CLIs started by the tests run in their own processes with their own threads).
+torch.set_num_threads(1)
