@@ -126,8 +126,18 @@ def check_writable(out: Path) -> None:
 
 
 def check_address(address: str | None) -> None:
-    if not address or address == "auto":
+    if not address:
         return
+    given = address
+    if address == "auto":
+        # The cluster ray.init("auto") would join (RAY_ADDRESS, else the last `ray start` on
+        # this machine): checked here, since ray.init retries a dead one for minutes.
+        from ray._private.services import get_ray_address_from_environment
+        try:
+            address = get_ray_address_from_environment("auto", None)
+        except ConnectionError:
+            raise UsageError("--address auto: no Ray cluster runs on this machine; start one with "
+                             "`ray start --head --node-ip-address 127.0.0.1` or drop --address") from None
     host, _, port = address.rpartition(":")
     if address.startswith("ray://") or not port.isdigit():
         host, port = address.replace("ray://", "").rsplit(":", 1) if ":" in address else (address, "6379")
@@ -135,7 +145,8 @@ def check_address(address: str | None) -> None:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
             pass
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--address {address}: no Ray cluster answers there ({exc}); "
+        where = address if given == address else f"{given} ({address})"
+        raise UsageError(f"--address {where}: no Ray cluster answers there ({exc}); "
                          f"start one with `ray start --head --node-ip-address 127.0.0.1` or drop --address") from None
 
 

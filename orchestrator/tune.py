@@ -225,37 +225,42 @@ class TrialRecorder(Callback):
     def _entry(self, trial_id: str) -> dict:
         return json.loads(self.record.read_text())["trials"].get(trial_id, {})
 
-    def on_trial_start(self, iteration, trials, trial, **info):
+    def _run(self, trial) -> tuple[dict, str]:
+        """The trial's record entry and MLflow child run (created at its first event)."""
         entry = self._entry(trial.trial_id)
         if "run_id" not in entry:
             parent = json.loads(self.record.read_text())["parent"]
-            entry["run_id"] = self.tracker.start_child(parent, f"trial {trial.trial_id}",
-                                                       tags={"trial_id": trial.trial_id, **self.tags},
-                                                       params={**self.fixed, **trial.config})
-        self._update(trial.trial_id, run_id=entry["run_id"], config=trial.config, starts=entry.get("starts", 0) + 1,
-                     status="RUNNING")
+            run_id = self.tracker.start_child(parent, f"trial {trial.trial_id}",
+                                              tags={"trial_id": trial.trial_id, **self.tags},
+                                              params={**self.fixed, **trial.config})
+            entry = self._update(trial.trial_id, run_id=run_id, config=trial.config)
+        return entry, entry["run_id"]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        entry, _ = self._run(trial)
+        self._update(trial.trial_id, starts=entry.get("starts", 0) + 1, status="RUNNING")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        entry = self._entry(trial.trial_id)
+        _, run_id = self._run(trial)
         metrics = {k: v for k, v in result.items() if k == "val_accuracy" or "/" in k or k.endswith("_seconds")}
-        self.tracker.log_metrics(entry["run_id"], metrics, step=result["epoch"])
+        self.tracker.log_metrics(run_id, metrics, step=result["epoch"])
         self._update(trial.trial_id, epochs=result["epoch"], val_accuracy=result["val_accuracy"])
         self.log(f"[trial {trial.trial_id}] epoch {result['epoch']}: val acc {result['val_accuracy']:.2f}%")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        entry = self._entry(trial.trial_id)
+        entry, _ = self._run(trial)
         self._update(trial.trial_id, failures=entry.get("failures", 0) + 1)
         self.log(f"[trial {trial.trial_id}] failed; retrying from its last checkpoint")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        entry = self._entry(trial.trial_id)
-        self.tracker.finish(entry["run_id"], "FINISHED", tags={"status": "finished"})
+        _, run_id = self._run(trial)
+        self.tracker.finish(run_id, "FINISHED", tags={"status": "finished"})
         self._update(trial.trial_id, status="FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        entry = self._entry(trial.trial_id)
+        _, run_id = self._run(trial)
         why = _error_line(trial)
-        self.tracker.finish(entry["run_id"], "FAILED", tags={"status": why})
+        self.tracker.finish(run_id, "FAILED", tags={"status": why})
         self._update(trial.trial_id, status="ERRORED", error=why)
         self.log(f"[trial {trial.trial_id}] errored: {why}")
 

@@ -1,7 +1,7 @@
 """orchestrator.tune end to end: a real local Ray (2 CPUs), a real MLflow SQLite store,
 a tiny MNIST in idx format and a resnet8 teacher trained once for the module.
 
-Trials run deepinv on the smoke budget with 2 epochs (so ASHA and per-epoch
+Trials run deepinv on the smoke budget with 2-3 epochs (so ASHA and per-epoch
 checkpoints have something to do) over a two-field space.
 """
 from __future__ import annotations
@@ -77,7 +77,8 @@ def smoke(env):
     stdout = io.StringIO()
     try:
         with contextlib.redirect_stdout(stdout):
-            code = tune.main(argv(env, out, "--seed", str(NAN_SEED), "--max-concurrent", "2", "--max-failures", "0"))
+            code = tune.main(argv(env, out, "--seed", str(NAN_SEED), "--max-concurrent", "2", "--max-failures", "0",
+                                  "--grace-period", "2"))  # ASHA stops none: every finished trial has 2 epochs
     finally:
         ray.shutdown()
     return out, code, stdout.getvalue()
@@ -220,7 +221,7 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(env):
     (of 3); --resume must leave the first alone and continue the second from epoch 2."""
     out = env / "resume"
     args = argv(env, out, "--space", str(env / "small.yaml"), "--name", "resumable", "--max-concurrent", "1",
-                "--set", "epochs=3", samples=2)
+                "--set", "epochs=3", "--grace-period", "3", samples=2)  # ASHA must not end trial 2 early
 
     def first_done_second_started():
         with contextlib.suppress(OSError, ValueError):
@@ -252,8 +253,10 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(env):
     (second,) = set(trials) - {first}
     assert trials[second]["starts"] == 2  # interrupted, then continued
     (other,) = (out / "ray_results" / "resumable").glob(f"trial_{second}_*/result.json")
-    epochs = [json.loads(line)["epoch"] for line in other.read_text().splitlines()]
+    results = [json.loads(line) for line in other.read_text().splitlines()]
+    epochs = [r["epoch"] for r in results]
     assert epochs == [1, 2, 3] or epochs == [1, 3]  # from its checkpoint: no epoch reported twice
+    assert all(r["training_iteration"] == r["epoch"] for r in results)  # ASHA's clock survives the restore
     _, parents, children = runs(out)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
     assert (out / "preset_deepinv_mnist.json").exists()
