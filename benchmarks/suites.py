@@ -23,7 +23,7 @@ TEACHER_RECIPES: dict[str, dict] = {
     "cifar10": dict(epochs=200, batch_size=128, lr=0.1),
     "cifar100": dict(epochs=200, batch_size=128, lr=0.1),
     "tiny": dict(epochs=200, batch_size=128, lr=0.1),
-    "fashion-mnist": dict(epochs=4, batch_size=128, lr=0.1),
+    "fashion-mnist": dict(epochs=2, batch_size=128, lr=0.1),
     "mnist": dict(epochs=3, batch_size=128, lr=0.1),
 }
 

@@ -22,7 +22,7 @@ from benchmarks.suites import TEACHER_RECIPES
 from models import create_model, list_models
 from orchestrator.checkpoints import load_classifier, save_classifier
 from orchestrator.cli import ArgumentParser, UsageError, parse_device, run_cli
-from orchestrator.training import Recipe, evaluate, train_classifier
+from orchestrator.training import Recipe, train_classifier
 
 DEFAULT_DIR = Path(os.environ.get("DFKD_CHECKPOINTS", "checkpoints")) / "teachers"
 
@@ -59,7 +59,7 @@ def get_classifier(dataset: str, arch: str, *, out=DEFAULT_DIR, recipe: Recipe |
     model = create_model(arch, spec.num_classes, in_channels=spec.channels, image_size=spec.image_size)
     log(f"training {arch} on {dataset} ({len(train)} images from {train.source}) with {recipe}")
     history = train_classifier(model, train, test, recipe, device=device, seed=seed, progress=progress)
-    accuracy = evaluate(model, test, device)
+    accuracy = history["test_acc"][-1]  # evaluated after the last epoch
     meta = {
         "dataset": dataset, "arch": arch, "accuracy": accuracy,
         "num_classes": spec.num_classes, "channels": spec.channels, "image_size": spec.image_size,

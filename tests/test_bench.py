@@ -2,7 +2,6 @@
 
 The bench is run as users run it, `python -m orchestrator.bench ...` in a subprocess."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.ray_head import HEAD_ENV, ray_head
 from tests.test_datasets import make_mnist_like
 
 
@@ -23,12 +23,12 @@ def env(tmp_path_factory):
     return root
 
 
-def bench(env, out, *extra, timeout=420):
+def bench(env, out, *extra, timeout=420, extra_env=None):
     argv = [sys.executable, "-m", "orchestrator.bench", "--datasets", "mnist", "--pairs", "resnet8:resnet8",
             "--budget", "smoke", "--data-root", str(env / "data"), "--teacher-dir", str(env / "teachers"),
             "--out", str(out), "--device", "cpu", *extra]
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+                          env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(extra_env or {})})
 
 
 def runs(out):
@@ -95,32 +95,17 @@ def test_unwritable_out(env, tmp_path):
     assert proc.returncode == 2 and "not writable" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cluster_head_via_address_and_a_nan_cell_fails_alone(env, tmp_path):
-    port = free_port()
-    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    temp = tmp_path / "ray"
-    start = subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-                            "--num-cpus", "2", "--include-dashboard", "false", "--temp-dir", str(temp),
-                            "--disable-usage-stats"], capture_output=True, text=True, timeout=120)
-    assert start.returncode == 0, start.stderr[-2000:]
-    try:
+    with ray_head(tmp_path / "head.log") as address:
         out = tmp_path / "out"
         # dafl with an absurd learning rate diverges to NaN; deepinv must still finish.
-        proc = bench(env, out, "--methods", "dafl,deepinv", "--set", "dafl.lr=1e30",
-                     "--address", f"127.0.0.1:{port}")
-        assert proc.returncode == 1, proc.stderr[-3000:]  # one cell failed
-        _, all_runs = runs(out)
-        status = {r.data.tags["cell.method"]: r.info.status for r in all_runs if "cell.method" in r.data.tags}
-        assert status == {"dafl": "FAILED", "deepinv": "FINISHED"}
-        table = (out / "table_mnist.md").read_text()
-        assert "failed" in table.split("DAFL")[1].splitlines()[0]
-        assert "1 failed" in proc.stdout
-    finally:
-        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120,
-                       env={**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}"})
+        proc = bench(env, out, "--methods", "dafl,deepinv", "--set", "dafl.lr=1e30", "--address", address,
+                     extra_env=HEAD_ENV)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one cell failed
+    assert "Connecting to existing Ray cluster" in proc.stderr
+    _, all_runs = runs(out)
+    status = {r.data.tags["cell.method"]: r.info.status for r in all_runs if "cell.method" in r.data.tags}
+    assert status == {"dafl": "FAILED", "deepinv": "FINISHED"}
+    table = (out / "table_mnist.md").read_text()
+    assert "failed" in table.split("DAFL")[1].splitlines()[0]
+    assert "1 failed" in proc.stdout

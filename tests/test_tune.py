@@ -24,6 +24,7 @@ from methods import get_method, list_methods, make_config
 from orchestrator import tune
 from orchestrator.bench import method_overrides
 from orchestrator.cli import run_cli
+from tests.ray_head import ray_head
 from tests.test_datasets import make_mnist_like
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,12 +263,6 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(env):
     assert (out / "preset_deepinv_mnist.json").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_search_on_a_cluster_joined_with_address(env, tmp_path):
     """Last in the module: a head node of our own, joined with --address, then stopped.
 
@@ -277,20 +272,9 @@ def test_search_on_a_cluster_joined_with_address(env, tmp_path):
     import ray
 
     assert not ray.is_initialized()
-    port = _free_port()
-    ray_bin = Path(sys.executable).with_name("ray")
-    head = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1", "--num-cpus", "2",
-         "--include-dashboard", "false", "--disable-usage-stats", "--block"],
-        env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"},
-        stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        def gcs_up():
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        _wait_for(gcs_up, 120, "the Ray head node", head)
+    with ray_head(tmp_path / "head.log") as address:
         out = tmp_path / "out"
-        driver = _subprocess(argv(env, out, "--space", str(env / "small.yaml"), "--address", f"127.0.0.1:{port}",
+        driver = _subprocess(argv(env, out, "--space", str(env / "small.yaml"), "--address", address,
                                   "--cpus-per-trial", "1", "--gpus-per-trial", "0", samples=2),
                              tmp_path / "driver.log", RAY_AUTH_MODE="disabled")
         try:
@@ -304,8 +288,4 @@ def test_search_on_a_cluster_joined_with_address(env, tmp_path):
         assert len(parents) == 1 and len(children) == 2
         assert all(c.info.status == "FINISHED" for c in children)
         assert json.loads((out / "preset_deepinv_mnist.json").read_text())["method"] == "deepinv"
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            head.wait(timeout=30)
-        _end(head)
+
