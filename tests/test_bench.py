@@ -10,17 +10,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.ray_head import HEAD_ENV, ray_head
-from tests.test_datasets import make_mnist_like
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench")
-    make_mnist_like(root / "data" / "mnist", n=64)
-    from orchestrator.teachers import default_recipe, get_classifier
-    get_classifier("mnist", "resnet8", out=root / "teachers", recipe=default_recipe("mnist", epochs=1, batch_size=32),
-                   data_root=root / "data", progress=False, log=lambda *_: None)
-    return root
+def env(tiny_mnist):
+    return tiny_mnist
 
 
 def bench(env, out, *extra, timeout=420, extra_env=None):

@@ -9,18 +9,11 @@ import torch
 from methods import list_methods
 from orchestrator import distill as distill_cli
 from orchestrator.cell import CellKey, CellRequest, run_cell
-from tests.test_datasets import make_mnist_like
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A tiny MNIST in idx format and a resnet8 teacher trained on it once."""
-    root = tmp_path_factory.mktemp("distill")
-    make_mnist_like(root / "data" / "mnist", n=64)
-    from orchestrator.teachers import default_recipe, get_classifier
-    get_classifier("mnist", "resnet8", out=root / "teachers", recipe=default_recipe("mnist", epochs=1, batch_size=32),
-                   data_root=root / "data", progress=False, log=lambda *_: None)
-    return root
+def env(tiny_mnist):
+    return tiny_mnist
 
 
 def request(env, method, **kw):

@@ -25,7 +25,6 @@ from orchestrator import tune
 from orchestrator.bench import method_overrides
 from orchestrator.cli import run_cli
 from tests.ray_head import ray_head
-from tests.test_datasets import make_mnist_like
 
 ROOT = Path(__file__).resolve().parents[1]
 # lr 1e30 makes the student's weights explode in the first KD step, so the next loss is
@@ -37,12 +36,8 @@ NAN_SEED = 2
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tune")
-    make_mnist_like(root / "data" / "mnist", n=64)
-    from orchestrator.teachers import default_recipe, get_classifier
-    get_classifier("mnist", "resnet8", out=root / "teachers", recipe=default_recipe("mnist", epochs=1, batch_size=32),
-                   data_root=root / "data", progress=False, log=lambda *_: None)
+def env(tiny_mnist):
+    root = tiny_mnist
     (root / "space.json").write_text(json.dumps(SPACE))
     (root / "small.yaml").write_text("lr_g:\n  type: loguniform\n  low: 1e-2\n  high: 5e-1\n")
     return root
