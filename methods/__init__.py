@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .bank import InstanceBank, from_uint8, to_uint8
-from .base import SynthesisResult, Synthesizer
+from .base import SynthesisResult, Synthesizer, place
 from .config import BUDGETS, BaseConfig, ConfigError, apply_overrides
 from .losses import kd_loss
 from .registry import UnknownMethodError, get_method, list_methods
@@ -46,5 +46,5 @@ def create_synthesizer(name: str, teacher, student, config: BaseConfig, spec: Im
 __all__ = [
     "BUDGETS", "BaseConfig", "ConfigError", "ImageSpec", "InstanceBank", "SynthesisResult",
     "Synthesizer", "UnknownMethodError", "create_synthesizer", "from_uint8", "get_method",
-    "kd_loss", "list_methods", "make_config", "to_uint8",
+    "kd_loss", "list_methods", "make_config", "place", "to_uint8",
 ]

@@ -31,6 +31,13 @@ class SynthesisResult:
     features: torch.Tensor | None = None
 
 
+def place(module: nn.Module, device) -> nn.Module:
+    """Moves a network to `device` in channels_last memory format: oneDNN's convolutions
+    run 1.3-2x faster in NHWC on the CPUs measured here (README, "Speed"), and CUDA's
+    tensor cores prefer it too. Inputs may stay NCHW; convolutions follow the weights."""
+    return module.to(device=device, memory_format=torch.channels_last)
+
+
 @contextmanager
 def eval_mode(module: nn.Module):
     """Temporarily put `module` in eval mode: a student that scores synthetic images

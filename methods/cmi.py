@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from models import create_generator
 
 from .augment import crop_and_flip, resized_crop_and_flip
-from .base import SynthesisResult, eval_mode, is_better
+from .base import SynthesisResult, eval_mode, is_better, place
 from .budgets import inversion_budgets
 from .config import BaseConfig, override, param, weight
 from .hooks import BatchNormHooks
@@ -98,8 +98,8 @@ class CMI(InversionSynthesizer):
 
     def __init__(self, teacher, student, config, spec, bank=None, device="cpu"):
         super().__init__(teacher, student, config, spec, bank, device)
-        self.generator = create_generator(
-            "generator", config.latent_dim, spec.image_size, spec.channels).to(self.device)
+        self.generator = place(create_generator(
+            "generator", config.latent_dim, spec.image_size, spec.channels), self.device)
         hooks = BatchNormHooks(teacher)
         self.feature_dim = hooks.feature_dim  # sum of the teacher's BN channels
         hooks.remove()

@@ -14,7 +14,7 @@ import torch
 
 from models import create_generator
 
-from .base import SynthesisResult, Synthesizer, eval_mode
+from .base import SynthesisResult, Synthesizer, eval_mode, place
 from .budgets import GENERATOR_BUDGETS
 from .config import BaseConfig, override, param
 from .hooks import BatchNormHooks
@@ -45,8 +45,8 @@ class GeneratorSynthesizer(Synthesizer):
 
     def __init__(self, teacher, student, config, spec, bank=None, device="cpu"):
         super().__init__(teacher, student, config, spec, bank, device)
-        self.generator = create_generator(
-            "generator", config.latent_dim, spec.image_size, spec.channels).to(self.device)
+        self.generator = place(create_generator(
+            "generator", config.latent_dim, spec.image_size, spec.channels), self.device)
         # Adam with beta1 = 0.5, the GAN setting every reference method uses.
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr_g, betas=(0.5, 0.999))
 

@@ -140,7 +140,7 @@ def run_cell(request: CellRequest, *, on_epoch: Callable[[int, dict], None] | No
 
     torch.manual_seed(key.seed)
     student = create_model(key.student, spec.num_classes, in_channels=spec.channels,
-                           image_size=spec.image_size).to(request.device)
+                           image_size=spec.image_size)
     bank = bank if bank is not None else InstanceBank()
     if request.init_pool:
         load_pool(request.init_pool, bank, spec.channels, spec.image_size)

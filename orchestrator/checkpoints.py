@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from methods import place
 from models import create_model
 from orchestrator.cli import UsageError
 
@@ -55,4 +56,4 @@ def load_classifier(path: str | Path, *, dataset: str | None = None, num_classes
     except RuntimeError as exc:
         raise UsageError(f"checkpoint {path} does not match arch {meta['arch']}: "
                          f"{str(exc).splitlines()[0][:200]}") from None
-    return model.to(device).eval(), meta
+    return place(model, device).eval(), meta

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from benchmarks.datasets import DatasetSpec, ImageSet
-from methods import ImageSpec, kd_loss
+from methods import ImageSpec, kd_loss, place
 from orchestrator.training import evaluate
 
 
@@ -97,7 +97,7 @@ class Trainer:
 
     def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, config, eval_set: ImageSet,
                  device="cpu"):
-        self.teacher, self.student, self.config, self.eval_set = teacher.eval(), student.to(device), config, eval_set
+        self.teacher, self.student, self.config, self.eval_set = teacher.eval(), place(student, device), config, eval_set
         self.device = device
         self.image_spec = image_spec_for(eval_set.spec)
         self.optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)

@@ -21,7 +21,7 @@ import ray
 import torch
 
 from benchmarks.datasets import get_dataset_spec, load_split
-from methods import create_synthesizer, from_uint8, get_method, make_config, to_uint8
+from methods import create_synthesizer, place, from_uint8, get_method, make_config, to_uint8
 from methods.inversion import augment_pool_batch
 from models import create_model
 from orchestrator.cell import image_spec, validation_split
@@ -64,8 +64,8 @@ class SynthesizerWorker:
         teacher, _ = load_classifier(teacher_ckpt, dataset=dataset, device=device)
         for p in teacher.parameters():
             p.requires_grad_(False)
-        self.replicas = [create_model(a, spec.num_classes, in_channels=spec.channels, image_size=spec.image_size)
-                         .to(device) for a in students]
+        self.replicas = [place(create_model(a, spec.num_classes, in_channels=spec.channels,
+                                            image_size=spec.image_size), device) for a in students]
         self.kind = get_method(method).kind
         bank = StoreBank(store) if self.kind == "inversion" else None
         self.synth = create_synthesizer(method, teacher, StudentEnsemble(self.replicas), self.config, spec,

@@ -22,7 +22,7 @@ SHAPE = (3, 8, 8)  # small images keep the tests fast; the perf script uses 32x3
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stale cluster
     yield
     ray.shutdown()
 

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         ray.init(address=args.address)
     else:
         system = {"max_direct_call_object_size": 2 << 20} if args.inline_returns else {}
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=system)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _system_config=system)
     try:
         store = create_store()
         for i in range(0, args.images, 5_000):  # 15 MB per call
