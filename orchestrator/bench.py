@@ -238,8 +238,6 @@ def main(argv=None) -> int:
     p = plan(args)
     out: Path = p["out"]
     log = tqdm.write
-
-    import torch
     gpus = args.gpus_per_cell if args.gpus_per_cell is not None else (1.0 if device.startswith("cuda") else 0.0)
     ray = start_ray(args.address)
     from orchestrator.runner import Resources, Stream, StreamRunner, run_streams
@@ -285,9 +283,12 @@ def main(argv=None) -> int:
         f"{concurrent} at a time; MLflow: {p['uri']}")
     bar = tqdm(total=n_cells, desc="cells", unit="cell", dynamic_ncols=True)
 
+    run_ids: dict = {}
+
     def on_cell_start(key, config):
         with lock:
-            return tracker.start_child(parent, key.slug, tags=key.tags(), params=config)
+            run_ids[key] = tracker.start_child(parent, key.slug, tags=key.tags(), params=config)
+        return run_ids[key]
 
     def on_epoch(key, epoch, metrics):
         with lock:
@@ -295,12 +296,6 @@ def main(argv=None) -> int:
         log(f"[{key.method} {key.teacher}->{key.student} s{key.seed}] epoch {epoch}: "
             f"acc {metrics['accuracy']:.2f}%  synthesis {metrics['synthesis_seconds']:.0f}s  "
             f"KD {metrics['kd_seconds']:.0f}s")
-
-    run_ids: dict = {}
-
-    def on_cell_start_recorded(key, config):
-        run_ids[key] = on_cell_start(key, config)
-        return run_ids[key]
 
     def on_done(outcome):
         summary = {**outcome.history.summary(), "wall_seconds": outcome.wall_seconds,
@@ -319,7 +314,7 @@ def main(argv=None) -> int:
 
     runners = [StreamRunner(s, str(checkpoint_path(Path(args.teacher_dir).resolve(), s.dataset, s.teacher)), out,
                             resources, device, args.publish_every, "test", p["data_dirs"][s.dataset],
-                            on_cell_start=on_cell_start_recorded, on_epoch=on_epoch, log=log) for s in streams]
+                            on_cell_start=on_cell_start, on_epoch=on_epoch, log=log) for s in streams]
     started = time.perf_counter()
     outcomes = run_streams(runners, concurrent, on_done=on_done)
     bar.close()
