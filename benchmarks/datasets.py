@@ -92,8 +92,11 @@ def _open_maybe_gz(folder: Path, stem: str):
 def read_idx(folder: Path, stem: str) -> np.ndarray:
     """Reads an MNIST-style idx file (`stem` or `stem.gz`)."""
     path, fh = _open_maybe_gz(folder, stem)
-    with fh:
-        data = fh.read()
+    try:
+        with fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:  # truncated gzip, permissions, ...
+        raise DatasetError(f"unreadable idx file {path}: {exc}") from exc
     try:
         zero, dtype_code, ndim = data[0] * 256 + data[1], data[2], data[3]
         if zero != 0 or dtype_code != 0x08:

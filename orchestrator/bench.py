@@ -27,9 +27,9 @@ from tqdm import tqdm
 from benchmarks.datasets import get_dataset_spec, list_datasets, load_split
 from benchmarks.reference import BASELINE_ROWS, row_name
 from benchmarks.suites import suite
-from methods import get_method, list_methods
+from methods import get_method, list_methods, make_config
 from orchestrator.cell import BUDGETS, CellKey, check_cell
-from orchestrator.cli import ArgumentParser, UsageError, parse_device, run_cli
+from orchestrator.cli import ArgumentParser, UsageError, run_cli
 from orchestrator.distill import parse_sets
 from orchestrator.report import long_rows, plot_curves, write_tables
 from orchestrator.teachers import DEFAULT_DIR as DEFAULT_TEACHER_DIR
@@ -150,6 +150,15 @@ def check_address(address: str | None) -> None:
                          f"start one with `ray start --head --node-ip-address 127.0.0.1` or drop --address") from None
 
 
+def config_hash(method: str, budget: str, overrides: dict) -> str:
+    """Identifies a cell's effective config: --resume reuses a finished cell only if it
+    ran with the same one (the cell key alone does not say which --set was used)."""
+    import hashlib
+
+    config = dataclasses.asdict(make_config(method, budget, overrides))
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def plan(args) -> dict:
     """Turns arguments into a checked plan; raises UsageError before anything starts."""
     methods = split_list(args.methods, "methods")
@@ -180,6 +189,9 @@ def plan(args) -> dict:
     data_dirs = {}
     for d in datasets:
         data_dirs[d] = str(load_split(d, "test", args.data_root, args.download).source.resolve())
+        archs = {a for pair in pairs[d] for a in (pair if args.baselines else pair[:1])}
+        if any(not checkpoint_path(Path(args.teacher_dir), d, a).exists() for a in archs):
+            load_split(d, "train", data_dirs[d])  # a classifier will train on it: fail now, not in Ray
     out = Path(args.out).resolve()
     check_writable(out)
     uri = resolve_tracking_uri(args.tracking_uri, out)
@@ -214,7 +226,7 @@ def ensure_classifiers(ray, needed: list[tuple[str, str]], args, data_dirs: dict
 
     teacher_dir = Path(args.teacher_dir).resolve()
 
-    @ray.remote(num_cpus=1)
+    @ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0)
     def train(dataset, arch, data_root, threads):
         import torch
         torch.set_num_threads(threads)
@@ -227,19 +239,48 @@ def ensure_classifiers(ray, needed: list[tuple[str, str]], args, data_dirs: dict
         path = checkpoint_path(teacher_dir, dataset, arch)
         if not path.exists():
             log(f"training {arch} on {dataset} (missing from {teacher_dir}) ...")
-        metas[(dataset, arch)] = ray.get(train.remote(dataset, arch, data_dirs[dataset], os.cpu_count() or 1))
+        try:
+            metas[(dataset, arch)] = ray.get(train.remote(dataset, arch, data_dirs[dataset], os.cpu_count() or 1))
+        except ray.exceptions.RayTaskError as exc:  # a bad checkpoint or data: the cause, in one line
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            raise UsageError(f"preparing {arch} on {dataset} failed: "
+                             f"{(str(cause).strip().splitlines() or [type(cause).__name__])[0]}") from None
         log(f"{arch} on {dataset}: {metas[(dataset, arch)]['accuracy']:.2f}% test accuracy ({path})")
     return metas
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    device = parse_device(args.device)
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: use auto, cpu or cuda (actors get whole or fractional GPUs)")
     p = plan(args)
     out: Path = p["out"]
     log = tqdm.write
-    gpus = args.gpus_per_cell if args.gpus_per_cell is not None else (1.0 if device.startswith("cuda") else 0.0)
     ray = start_ray(args.address)
+    # Devices are the cluster's, not the driver's: a CPU-only head may drive GPU workers.
+    cluster = ray.cluster_resources()
+    cluster_gpus = cluster.get("GPU", 0)
+    if args.device == "cpu":
+        gpus = 0.0
+    else:
+        gpus = args.gpus_per_cell if args.gpus_per_cell is not None else (1.0 if cluster_gpus else 0.0)
+    if args.device == "cuda" and not gpus:
+        gpus = 1.0
+    device = "cuda" if gpus > 0 else "cpu"
+    n_max = max(((sum(1 for t, _ in p["pairs"][d] if t == teacher) if args.mode == "shared" else 1)
+                 for d in p["datasets"] for teacher, _ in p["pairs"][d]), default=1)
+    cpus = int(cluster.get("CPU", 1))
+    largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus)
+    per_actor = args.cpus_per_actor or min(1.0, largest_node / (1 + n_max))
+    problems = []
+    if per_actor * (1 + n_max) > largest_node:
+        problems.append(f"a cell needs {per_actor * (1 + n_max):g} CPUs on one node "
+                        f"(--cpus-per-actor {per_actor:g} x {1 + n_max} actors), the largest node has {largest_node:g}")
+    if gpus > cluster_gpus:
+        problems.append(f"--gpus-per-cell {gpus:g} but the cluster has {cluster_gpus:g} GPUs")
+    if problems:
+        ray.shutdown()
+        raise UsageError("; ".join(problems))
     from orchestrator.runner import Resources, Stream, StreamRunner, run_streams
 
     tracker = Tracker(p["uri"], args.experiment, artifact_root=out / "mlartifacts")
@@ -259,7 +300,8 @@ def main(argv=None) -> int:
                 by_teacher: dict[str, list[str]] = {}
                 for teacher, student in p["pairs"][d]:
                     key = CellKey(d, teacher, student, m, seed, args.budget, args.mode)
-                    if cell_key(dataclasses.asdict(key)) in finished:
+                    done = finished.get(cell_key(dataclasses.asdict(key)))
+                    if done and done["tags"].get("cell.config_hash") == config_hash(m, args.budget, p["overrides"][m]):
                         reused.append(key)
                         continue
                     by_teacher.setdefault(teacher, []).append(student)
@@ -272,12 +314,10 @@ def main(argv=None) -> int:
         needed += [(d, a) for d in p["datasets"] for pair in p["pairs"][d] for a in pair if (d, a) not in needed]
     metas = ensure_classifiers(ray, list(dict.fromkeys(needed)), args, p["data_dirs"], device, log)
 
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    n_max = max((len(s.students) for s in streams), default=1)
-    per_actor = args.cpus_per_actor or min(1.0, cpus / (1 + n_max))
-    resources = Resources(per_actor, gpus, node_cpus=min(cpus, os.cpu_count() or cpus))
-    concurrent = max(1, int(cpus // (per_actor * (1 + n_max)))) if not gpus else \
-        max(1, int(ray.cluster_resources().get("GPU", 0) // gpus))
+    resources = Resources(per_actor, gpus, node_cpus=int(largest_node))
+    concurrent = max(1, int(cpus // (per_actor * (1 + n_max))))
+    if gpus:
+        concurrent = min(concurrent, max(1, int(cluster_gpus // gpus)))
     n_cells = sum(len(s.students) for s in streams)
     log(f"{n_cells} cells to run ({len(reused)} finished earlier), {len(streams)} streams, "
         f"{concurrent} at a time; MLflow: {p['uri']}")
@@ -287,7 +327,8 @@ def main(argv=None) -> int:
 
     def on_cell_start(key, config):
         with lock:
-            run_ids[key] = tracker.start_child(parent, key.slug, tags=key.tags(), params=config)
+            tags = {**key.tags(), "cell.config_hash": config_hash(key.method, key.budget, p["overrides"][key.method])}
+            run_ids[key] = tracker.start_child(parent, key.slug, tags=tags, params=config)
         return run_ids[key]
 
     def on_epoch(key, epoch, metrics):
@@ -316,7 +357,7 @@ def main(argv=None) -> int:
                             resources, device, args.publish_every, "test", p["data_dirs"][s.dataset],
                             on_cell_start=on_cell_start, on_epoch=on_epoch, log=log) for s in streams]
     started = time.perf_counter()
-    outcomes = run_streams(runners, concurrent, on_done=on_done)
+    outcomes = run_streams(runners, concurrent, on_done=on_done, log=log)
     bar.close()
 
     # --------------------------------------------------------------------- tables

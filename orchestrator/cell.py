@@ -118,6 +118,9 @@ def load_teacher(request: CellRequest, log=print):
     if request.teacher_ckpt:
         model, meta = load_classifier(request.teacher_ckpt, dataset=key.dataset, num_classes=spec.num_classes,
                                       channels=spec.channels, device=request.device)
+        if meta.get("arch") != key.teacher:
+            raise UsageError(f"--teacher-ckpt {request.teacher_ckpt} holds a {meta.get('arch')}, not a "
+                             f"{key.teacher}: pass --teacher {meta.get('arch')}")
         return model, meta
     return get_classifier(key.dataset, key.teacher, out=request.teacher_dir, device=request.device,
                           data_root=request.data_root, download=request.download, progress=request.progress,
@@ -167,7 +170,7 @@ def run_cell(request: CellRequest, *, on_epoch: Callable[[int, dict], None] | No
                      "distilled_from": key.teacher, "method": key.method})
     if request.save_pool:
         save_pool(request.save_pool, bank)
-    return CellResult(key, history, config_dict, float(meta["accuracy"]), cell_dir,
+    return CellResult(key, history, config_dict, float(meta.get("accuracy", float("nan"))), cell_dir,
                       time.perf_counter() - started)
 
 

@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     print(f"{args.method} {args.teacher}->{args.student} on {args.dataset}: student {s['accuracy']:.2f}% "
           f"(best {s['best_accuracy']:.2f}%), teacher {s['teacher_accuracy']:.2f}%, "
           f"synthesis {s['synthesis_seconds']:.1f}s ({s['images_synthesized']} images, "
-          f"{s['synthesis_images_per_second']:.1f} img/s), KD {s['kd_seconds']:.1f}s, status {s['status']}; "
+          f"{s['synthesis_images_per_second']:.1f} img/s), KD {s['kd_seconds']:.1f}s, cell wall {s['wall_seconds']:.1f}s, "
+          f"status {s['status']}; "
           f"files in {result.cell_dir}")
     return 0 if s["status"] == "finished" else 1
 

@@ -98,16 +98,19 @@ class StreamRunner:
         self.on_epoch = on_epoch or (lambda key, epoch, metrics: None)
         self.log = log
 
-    def run(self) -> list[CellOutcome]:
+    def run(self, stop: threading.Event | None = None) -> list[CellOutcome]:
+        """Runs the stream; never raises: a failure marks the affected cells failed."""
         s, res = self.stream, self.resources
         config = make_config(s.method, s.budget, s.overrides)
         keys = s.cells()
-        run_ids = {key: self.on_cell_start(key, dataclasses.asdict(config)) for key in keys}
         histories = {key: History() for key in keys}
         logs = {key: EpochLog(histories[key]) for key in keys}
+        run_ids: dict = {}
         started = time.perf_counter()
-        actors = []
+        actors, trainers, synth = [], [], None
         try:
+            for key in keys:
+                run_ids[key] = self.on_cell_start(key, dataclasses.asdict(config))
             n = len(s.students)
             synth_threads, trainer_threads = res.threads(n)
             store = create_store(capacity_features=getattr(config, "bank_size", 40960))
@@ -125,49 +128,67 @@ class StreamRunner:
             rounds = rounds_per_epoch(config)
             synth_time = 0.0
             kd_time = {key: 0.0 for key in keys}
+            live = list(range(n))  # students still training; a NaN in one student's KD drops only it
             for epoch in range(config.epochs):
                 for r in range(rounds):
+                    if stop is not None and stop.is_set():
+                        raise InterruptedError("bench interrupted")
                     where = f"epoch {epoch + 1}, round {r + 1}"
                     states = None
                     if adversarial and (epoch * rounds + r) % self.publish_every == 0:
-                        states = ray.get([t.student_state.remote() for t in trainers])
+                        # Replicas of dropped students keep their last weights.
+                        states = ray.get([trainers[i].student_state.remote() for i in range(n)]) if \
+                            len(live) == n else None
                     out = ray.get(synth.round.remote(states))
                     synth_time += out["seconds"]
-                    for key in keys:
-                        logs[key].add(out["losses"], "synth/", f"synthesis ({where})")
-                    for key, kd in zip(keys, ray.get([t.kd_round.remote() for t in trainers])):
-                        kd_time[key] += kd["seconds"]
-                        logs[key].add(kd["losses"], "kd/", f"KD ({where})")
-                accuracies = ray.get([t.end_epoch.remote() for t in trainers])
-                for key, acc in zip(keys, accuracies):
+                    for i in live:  # a synthesis NaN fails every cell of the stream (raises)
+                        logs[keys[i]].add(out["losses"], "synth/", f"synthesis ({where})")
+                    results = ray.get([trainers[i].kd_round.remote() for i in live])
+                    for i, kd in zip(list(live), results):
+                        kd_time[keys[i]] += kd["seconds"]
+                        try:
+                            logs[keys[i]].add(kd["losses"], "kd/", f"KD ({where})")
+                        except NonFiniteLoss as exc:
+                            histories[keys[i]].status = f"failed: {exc}"
+                            live.remove(i)
+                    if not live:
+                        break
+                if not live:
+                    break
+                accuracies = ray.get([trainers[i].end_epoch.remote() for i in live])
+                for i, acc in zip(live, accuracies):
+                    key = keys[i]
                     metrics = logs[key].close_epoch(acc, out["images_synthesized"], synth_time, kd_time[key],
                                                     config.epochs)
                     self.on_epoch(key, epoch + 1, metrics)
         except NonFiniteLoss as exc:
             for h in histories.values():
-                h.status = f"failed: {exc}"
-        except (ray.exceptions.RayError, Exception) as exc:  # an actor died, out of memory, ...
-            message = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else type(exc).__name__
+                if not h.status.startswith("failed"):
+                    h.status = f"failed: {exc}"
+        except Exception as exc:  # an actor died, out of memory, MLflow unreachable, interrupted ...
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
             self.log(f"stream {s.method} {s.teacher} seed {s.seed} failed: {message}")
-            self.log("".join(traceback.format_exception(exc))[-2000:])
+            if not isinstance(exc, InterruptedError):
+                self.log("".join(traceback.format_exception(exc))[-2000:])
             for h in histories.values():
-                h.status = f"failed: {type(exc).__name__}: {message}"
+                if not h.status.startswith("failed"):
+                    h.status = f"failed: {type(exc).__name__}: {message}"
         wall = time.perf_counter() - started
         outcomes = []
         for i, key in enumerate(keys):
             cell_dir = self.out / "cells" / key.slug
-            cell_dir.mkdir(parents=True, exist_ok=True)
             history = histories[key]
-            (cell_dir / "history.json").write_text(json.dumps(dataclasses.asdict(history), indent=2))
-            (cell_dir / "config.json").write_text(json.dumps({"cell": dataclasses.asdict(key),
-                                                              "config": dataclasses.asdict(config)}, indent=2))
-            if history.status == "finished":
-                try:
+            try:
+                cell_dir.mkdir(parents=True, exist_ok=True)
+                (cell_dir / "history.json").write_text(json.dumps(dataclasses.asdict(history), indent=2))
+                (cell_dir / "config.json").write_text(json.dumps({"cell": dataclasses.asdict(key),
+                                                                  "config": dataclasses.asdict(config)}, indent=2))
+                if history.status == "finished":
                     ray.get(trainers[i].save_student.remote(str(cell_dir / "student.pt"), history.accuracy[-1]))
                     _save_grid(ray.get(synth.grid_images.remote(64)), cell_dir / "grid.png")
-                except Exception as exc:  # the numbers are in; a missing artefact is not fatal
-                    self.log(f"could not save artefacts of {key.slug}: {exc}")
-            outcomes.append(CellOutcome(key, history, dataclasses.asdict(config), cell_dir, wall, run_ids[key]))
+            except Exception as exc:  # the numbers are in; a missing artefact is not fatal
+                self.log(f"could not save artefacts of {key.slug}: {exc}")
+            outcomes.append(CellOutcome(key, history, dataclasses.asdict(config), cell_dir, wall, run_ids.get(key)))
         for actor in actors:
             ray.kill(actor)
         return outcomes
@@ -184,21 +205,33 @@ def _save_grid(images: np.ndarray, path: Path) -> None:
     save_image(torch.from_numpy(np.array(images)).float() / 255, path, nrow=8, padding=1)
 
 
-def run_streams(runners: list[StreamRunner], max_concurrent: int, on_done=None) -> list[CellOutcome]:
-    """Runs streams in driver threads, at most `max_concurrent` at a time."""
+def run_streams(runners: list[StreamRunner], max_concurrent: int, on_done=None, log=print) -> list[CellOutcome]:
+    """Runs streams in driver threads, at most `max_concurrent` at a time. Ctrl-C stops
+    the streams in flight at their next round and cancels the queued ones."""
     outcomes: list[CellOutcome] = []
     lock = threading.Lock()
+    stop = threading.Event()
 
     def one(runner: StreamRunner):
-        result = runner.run()
+        if stop.is_set():
+            return []
+        result = runner.run(stop)
         with lock:
             outcomes.extend(result)
-            if on_done:
-                for outcome in result:
+            for outcome in result if on_done else []:
+                try:
                     on_done(outcome)
+                except Exception as exc:  # bookkeeping of one cell must not sink the bench
+                    log(f"could not record {outcome.key.slug}: {exc}")
         return result
 
-    with ThreadPoolExecutor(max_workers=max(max_concurrent, 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(max_concurrent, 1))
+    try:
         for future in [pool.submit(one, r) for r in runners]:
             future.result()
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     return outcomes

@@ -363,7 +363,8 @@ def report(results, p: dict, tracker: Tracker, parent: str) -> int:
     rows = []
     for trial_id, t in trials.items():
         status = t.get("status", "?").lower()
-        if status == "finished" and t.get("epochs", 0) < p["max_t"]:
+        planned = int(t.get("config", {}).get("epochs", p["fixed"].get("epochs", p["max_t"])))
+        if status == "finished" and t.get("epochs", 0) < min(planned, p["max_t"]):
             status = "stopped early"
         rows.append({"trial": trial_id, **t.get("config", {}), "val_acc": t.get("val_accuracy"), "status": status})
     print()
