@@ -64,6 +64,11 @@ def test_smoke_bench_tables_match_mlflow_and_resume_starts_nothing(env, tmp_path
     assert len([r for r in after if "cell.method" in r.data.tags]) == 2  # no new cell run
     assert "DAFL" in again.stdout and "CMI" in again.stdout
 
+    # A finished cell is reused only under the same effective config.
+    changed = bench(env, out, "--methods", "dafl", "--resume", "--set", "g_steps=3")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "1 cells to run (0 finished earlier)" in changed.stderr + changed.stdout
+
 
 @pytest.mark.parametrize("extra,needle", [
     (["--methods", "nosuch"], "unknown method"),

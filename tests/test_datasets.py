@@ -120,6 +120,14 @@ def test_corrupt_files_are_a_clear_error(tmp_path):
         load_split("cifar10", "train", tmp_path)
 
 
+def test_truncated_gzip_is_a_clear_error(tmp_path):
+    folder = make_mnist_like(tmp_path / "mnist")
+    path = folder / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DatasetError, match="unreadable idx file"):
+        load_split("mnist", "train", tmp_path)
+
+
 def test_specs_carry_the_reference_constants():
     assert get_dataset_spec("cifar10").mean == (0.4914, 0.4822, 0.4465)
     assert get_dataset_spec("fashion-mnist").std == (0.3530,)
