@@ -80,8 +80,9 @@ class SynthesizerWorker:
         tick = time.perf_counter()
         result = self.synth.synthesize()
         if self.kind == "generator":
-            # The images the KD steps of this round train on: fresh from the generator,
-            # as many as the round's KD steps consume, so every KD batch is new.
+            # The images the KD steps of this round train on: fresh from the generator, as
+            # many as the round's KD steps consume; each trainer uses each batch once. (Their
+            # generation counts as synthesis time here, as KD time in `distill`.)
             count = self.config.kd_steps * self.config.batch_size
             # Waited for, so the trainers' next `sample` sees this round's images.
             ray.get(self.stream.add.remote(to_uint8(self.synth.sample(count)).cpu().numpy(), None, None))
@@ -102,10 +103,10 @@ class TrainerWorker:
                  seed: int, source, device: str = "cpu", threads: int = 1, eval_split: str = "test",
                  data_root: str | None = None):
         torch.set_num_threads(threads)
-        torch.manual_seed(seed)  # the same student initialisation as `distill` for this seed
         spec = get_dataset_spec(dataset)
         config = make_config(method, budget, overrides)
         teacher, _ = load_classifier(teacher_ckpt, dataset=dataset, device=device)
+        torch.manual_seed(seed)  # right before the student, as in `run_cell`: the same initialisation
         model = create_model(student, spec.num_classes, in_channels=spec.channels, image_size=spec.image_size)
         if eval_split == "val":
             eval_set = validation_split(load_split(dataset, "train", data_root))
@@ -127,7 +128,15 @@ class TrainerWorker:
 
     def kd_round(self) -> dict:
         tick = time.perf_counter()
-        losses = self.trainer.kd_steps(self._sample)
+        sample = self._sample
+        if not self.augment:
+            # A generator stream holds exactly this round's fresh images: take them all once
+            # (distinct, shuffled) and use each batch once, as fresh generator samples are.
+            cfg = self.trainer.config
+            fresh = from_uint8(torch.from_numpy(ray.get(self.source.sample.remote(cfg.kd_steps * cfg.batch_size))))
+            batches = iter(fresh.split(cfg.batch_size))
+            sample = lambda n: next(batches).to(self.device)  # noqa: E731
+        losses = self.trainer.kd_steps(sample)
         return {"losses": losses, "seconds": time.perf_counter() - tick}
 
     def end_epoch(self) -> float:
