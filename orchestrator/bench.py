@@ -34,7 +34,7 @@ from orchestrator.distill import parse_sets
 from orchestrator.report import long_rows, plot_curves, write_tables
 from orchestrator.teachers import DEFAULT_DIR as DEFAULT_TEACHER_DIR
 from orchestrator.teachers import checkpoint_path
-from orchestrator.tracking import Tracker, cell_key, check_tracking_uri, resolve_tracking_uri
+from orchestrator.tracking import Tracker, cell_key, check_tracking_uri, flatten_params, resolve_tracking_uri
 
 MODES = ("paper", "shared")
 DEFAULT_METHODS = "dafl,deepinv,cmi"
@@ -157,6 +157,17 @@ def config_hash(method: str, budget: str, overrides: dict) -> str:
 
     config = dataclasses.asdict(make_config(method, budget, overrides))
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def same_config(done: dict, method: str, budget: str, overrides: dict) -> bool:
+    """Whether a finished run ran with the cell's effective config. Runs carry the config
+    hash as a tag; runs logged before that tag existed are compared by their logged params
+    (the full config, flattened the same way), so they too are reused when they match."""
+    wanted = config_hash(method, budget, overrides)
+    if "cell.config_hash" in done["tags"]:
+        return done["tags"]["cell.config_hash"] == wanted
+    config = flatten_params(dataclasses.asdict(make_config(method, budget, overrides)))
+    return bool(config) and all(done["params"].get(k) == v for k, v in config.items())
 
 
 def plan(args) -> dict:
@@ -301,7 +312,7 @@ def main(argv=None) -> int:
                 for teacher, student in p["pairs"][d]:
                     key = CellKey(d, teacher, student, m, seed, args.budget, args.mode)
                     done = finished.get(cell_key(dataclasses.asdict(key)))
-                    if done and done["tags"].get("cell.config_hash") == config_hash(m, args.budget, p["overrides"][m]):
+                    if done and same_config(done, m, args.budget, p["overrides"][m]):
                         reused.append(key)
                         continue
                     by_teacher.setdefault(teacher, []).append(student)

@@ -11,6 +11,8 @@ own accuracy its "T. Scratch" row.
 """
 from __future__ import annotations
 
+import argparse
+
 import dataclasses
 import os
 from pathlib import Path
@@ -33,9 +35,11 @@ def checkpoint_path(out: str | Path, dataset: str, arch: str) -> Path:
 
 def default_recipe(dataset: str, **overrides) -> Recipe:
     values = {**TEACHER_RECIPES[dataset], **{k: v for k, v in overrides.items() if v is not None}}
-    recipe = Recipe(**values)
+    recipe = Recipe(**{**values, "sizes": tuple(values.get("sizes", ()))})
     if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
         raise UsageError(f"invalid recipe {recipe}: epochs and batch size must be >= 1 and lr > 0")
+    if any(size < 8 for size in recipe.sizes):
+        raise UsageError(f"invalid --sizes {list(recipe.sizes)}: every side must be at least 8 pixels")
     return recipe
 
 
@@ -72,6 +76,15 @@ def get_classifier(dataset: str, arch: str, *, out=DEFAULT_DIR, recipe: Recipe |
     return model.eval(), meta
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 16,24, got '{text}'") from None
+
+
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m orchestrator.teachers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="fashion-mnist")
@@ -79,6 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--sizes", type=_sizes, help="progressive resizing: training side of the first epochs, "
+                        "e.g. 16,24 (the last epoch always uses the dataset's size); 'none' turns it off")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", default=str(DEFAULT_DIR), help="checkpoint folder")
     parser.add_argument("--data-root", help="folder holding the dataset (see README, Data)")
@@ -91,7 +106,8 @@ def main(argv=None) -> int:
         create_model(args.arch, spec.num_classes)
     device = parse_device(args.device)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    recipe = default_recipe(args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    recipe = default_recipe(args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            sizes=args.sizes)
     _, meta = get_classifier(args.dataset, args.arch, out=args.out, recipe=recipe, device=device,
                              data_root=args.data_root, download=args.download, force=args.force, seed=args.seed)
     print(f"{args.arch} on {args.dataset}: test accuracy {meta['accuracy']:.2f}% "

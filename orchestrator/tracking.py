@@ -396,7 +396,7 @@ class Tracker:
     def finished_cells(self, tag_prefix: str = "cell.") -> dict[tuple, dict]:
         """FINISHED runs of this experiment that carry cell tags, keyed by the cell tuple
         (tag values in CELL_FIELDS order, None when a tag is missing; see `cell_key`).
-        Value: {"run_id", "metrics" (latest value per key), "tags"}. When a cell finished
+        Value: {"run_id", "metrics" (latest value per key), "tags", "params"}. When a cell finished
         more than once, the most recent run wins."""
         from mlflow.entities import ViewType
         out: dict[tuple, dict] = {}
@@ -414,7 +414,7 @@ class Tracker:
                 key = tuple(tags.get(f"{tag_prefix}{f}") for f in CELL_FIELDS)
                 if key not in out:  # newest first
                     out[key] = {"run_id": run.info.run_id, "metrics": dict(run.data.metrics),
-                                "tags": dict(tags)}
+                                "tags": dict(tags), "params": dict(run.data.params)}
             token = page.token
             if not token:
                 return out

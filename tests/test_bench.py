@@ -108,3 +108,19 @@ def test_cluster_head_via_address_and_a_nan_cell_fails_alone(env, tmp_path):
     table = (out / "table_mnist.md").read_text()
     assert "failed" in table.split("DAFL")[1].splitlines()[0]
     assert "1 failed" in proc.stdout
+
+
+def test_runs_without_the_hash_tag_are_matched_by_their_logged_params():
+    """Runs logged before the config-hash tag existed are reused only if their params match."""
+    import dataclasses
+
+    from methods import make_config
+    from orchestrator.bench import same_config
+    from orchestrator.tracking import flatten_params
+
+    logged = flatten_params(dataclasses.asdict(make_config("dafl", "smoke", {})))
+    assert same_config({"tags": {}, "params": logged}, "dafl", "smoke", {})
+    assert not same_config({"tags": {}, "params": logged}, "dafl", "smoke", {"g_steps": 3})
+    assert not same_config({"tags": {}, "params": {}}, "dafl", "smoke", {})
+    tagged = {"tags": {"cell.config_hash": "0" * 16}, "params": logged}
+    assert not same_config(tagged, "dafl", "smoke", {})  # the tag, when present, decides

@@ -80,6 +80,8 @@ def test_pickled_object_checkpoint_refused(tmp_path):
     (["--epochs", "0"], "epochs"),
     (["--lr", "-1"], "lr"),
     (["--device", "tpu"], "--device"),
+    (["--sizes", "16,x"], "--sizes"),
+    (["--sizes", "4"], "--sizes"),
 ])
 def test_bad_input_exit_2(argv, needle, capsys):
     assert run(argv) == 2
@@ -93,3 +95,18 @@ def test_missing_data_names_where_it_looked(tmp_path, monkeypatch, capsys):
                 "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "not found; looked in" in err and "none" in err
+
+
+def test_progressive_resizing_trains_small_first_and_ends_at_full_size(tiny_mnist, tmp_path, capsys):
+    from orchestrator.training import Recipe
+
+    recipe = Recipe(epochs=3, sizes=(16, 24, 28))
+    assert [recipe.size_at(e) for e in range(3)] == [16, 24, None]  # the last epoch is always native
+    assert Recipe(epochs=1, sizes=(16,)).size_at(0) is None
+    argv = ["--dataset", "mnist", "--arch", "resnet8", "--epochs", "2", "--batch-size", "32", "--sizes", "16",
+            "--device", "cpu", "--out", str(tmp_path / "ckpt"), "--data-root", str(tiny_mnist)]
+    assert run(argv) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/2 (16px)" in out and "epoch 2/2 (32px)" in out
+    _, meta = load_classifier(tmp_path / "ckpt" / "mnist-resnet8.pt", dataset="mnist", num_classes=10, channels=1)
+    assert list(meta["recipe"]["sizes"]) == [16]
