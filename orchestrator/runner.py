@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from methods import make_config
 from orchestrator.cell import CellKey
@@ -77,6 +79,13 @@ class Resources:
     def trainer_options(self, n_students: int) -> dict:
         return {"num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_cell / 2 / n_students}
 
+    def bundles(self, n_students: int) -> list[dict]:
+        """One placement-group bundle per actor of a stream: synthesizer first, then trainers."""
+        def bundle(options):
+            out = {"CPU": options["num_cpus"], "GPU": options["num_gpus"]}
+            return {k: v for k, v in out.items() if v > 0}  # Ray refuses zero-sized entries
+        return [bundle(self.synth_options())] + [bundle(self.trainer_options(n_students))] * n_students
+
     def threads(self, n_students: int) -> tuple[int, int]:
         # Synthesis and KD alternate, so the synthesizer may use the stream's whole CPU
         # share while trainers wait, and trainers split it while they run together.
@@ -107,22 +116,26 @@ class StreamRunner:
         logs = {key: EpochLog(histories[key]) for key in keys}
         run_ids: dict = {}
         started = time.perf_counter()
-        actors, trainers, synth = [], [], None
+        actors, trainers, synth, groups = [], [], None, []
         try:
             for key in keys:
                 run_ids[key] = self.on_cell_start(key, dataclasses.asdict(config))
             n = len(s.students)
             synth_threads, trainer_threads = res.threads(n)
+            group = self._reserve(res.bundles(n), stop)
+            groups.append(group)
+            placed = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)}
+                      for i in range(1 + n)]
             store = create_store(capacity_features=getattr(config, "bank_size", 40960))
             stream_store = create_store(capacity_images=config.kd_steps * config.batch_size)
             actors += [store, stream_store]
-            synth = SynthesizerWorker.options(**res.synth_options()).remote(
+            synth = SynthesizerWorker.options(**res.synth_options(), **placed[0]).remote(
                 s.dataset, s.method, s.budget, s.overrides, self.teacher_ckpt, s.students, s.seed, store,
                 stream_store, self.device, synth_threads)
             source = store if _kind(s.method) == "inversion" else stream_store
-            trainers = [TrainerWorker.options(**res.trainer_options(n)).remote(
+            trainers = [TrainerWorker.options(**res.trainer_options(n), **placed[1 + j]).remote(
                 s.dataset, s.method, s.budget, s.overrides, self.teacher_ckpt, student, s.seed, source,
-                self.device, trainer_threads, self.eval_split, self.data_root) for student in s.students]
+                self.device, trainer_threads, self.eval_split, self.data_root) for j, student in enumerate(s.students)]
             actors += [synth, *trainers]
             adversarial = ray.get(synth.uses_student.remote())
             rounds = rounds_per_epoch(config)
@@ -145,7 +158,7 @@ class StreamRunner:
                         logs[keys[i]].add(out["losses"], "synth/", f"synthesis ({where})")
                     results = ray.get([trainers[i].kd_round.remote() for i in live])
                     for i, kd in zip(list(live), results):
-                        kd_time[keys[i]] += kd["seconds"]
+                        kd_time[keys[i]] += kd["seconds"] + out["kd_sample_seconds"]
                         try:
                             logs[keys[i]].add(kd["losses"], "kd/", f"KD ({where})")
                         except NonFiniteLoss as exc:
@@ -191,7 +204,26 @@ class StreamRunner:
             outcomes.append(CellOutcome(key, history, dataclasses.asdict(config), cell_dir, wall, run_ids.get(key)))
         for actor in actors:
             ray.kill(actor)
+        for group in groups:
+            remove_placement_group(group)
         return outcomes
+
+    def _reserve(self, bundles: list[dict], stop: threading.Event | None):
+        """Reserves all of a stream's actors at once (a placement group): actors created
+        one by one could leave two streams each holding a synthesizer and waiting forever
+        for trainer slots on a fragmented cluster. Waits (and says so) while the cluster is
+        busy; a stop request ends the wait."""
+        group = placement_group(bundles, strategy="PACK")
+        waited = 0.0
+        while not ray.wait([group.ready()], timeout=5.0)[0]:
+            waited += 5.0
+            if stop is not None and stop.is_set():
+                remove_placement_group(group)
+                raise InterruptedError("bench interrupted")
+            if waited % 60 == 0:
+                self.log(f"stream {self.stream.method} {self.stream.teacher} seed {self.stream.seed}: "
+                         f"waiting {waited:.0f}s for resources {bundles}")
+        return group
 
 
 def _kind(method: str) -> str:

@@ -262,3 +262,27 @@ def test_store_bank_feeds_real_synthesizers(store):
                for k in saved)
     with pytest.raises(ValueError, match="uint8"):
         bank.add(torch.zeros(2, 3, 32, 32))
+
+
+def test_streams_reserve_all_their_actors_at_once(ray_local, tiny_mnist, tmp_path):
+    """Two 2-actor streams on a 2-CPU Ray, both allowed to start: created one actor at a
+    time, each stream could grab a synthesizer slot and wait forever for its trainer. With
+    a placement group per stream the second waits for the first and both finish."""
+    import threading
+
+    from orchestrator.runner import Resources, Stream, StreamRunner, run_streams
+
+    runners = [StreamRunner(Stream("mnist", "resnet8", method, 0, "smoke", "paper", ["resnet8"]),
+                            str(tiny_mnist / "teachers" / "mnist-resnet8.pt"), tmp_path / method,
+                            Resources(cpus_per_actor=1.0, node_cpus=2), "cpu", data_root=str(tiny_mnist / "data"),
+                            log=lambda *_: None)
+               for method in ("dafl", "dfq")]
+    result: list = []
+    worker = threading.Thread(target=lambda: result.extend(run_streams(runners, max_concurrent=2)), daemon=True)
+    worker.start()
+    worker.join(timeout=240)
+    assert not worker.is_alive(), "streams deadlocked waiting for each other's CPU slots"
+    assert sorted(o.key.method for o in result) == ["dafl", "dfq"]
+    assert all(o.history.status == "finished" for o in result), [o.history.status for o in result]
+    assert ray.util.placement_group_table() and all(
+        pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
