@@ -23,7 +23,7 @@ TEACHER_RECIPES: dict[str, dict] = {
     "cifar10": dict(epochs=200, batch_size=128, lr=0.1),
     "cifar100": dict(epochs=200, batch_size=128, lr=0.1),
     "tiny": dict(epochs=200, batch_size=128, lr=0.1),
-    "fashion-mnist": dict(epochs=4, batch_size=128, lr=0.1, sizes=(16, 16, 16)),
+    "fashion-mnist": dict(epochs=3, batch_size=128, lr=0.1, sizes=(16, 24)),
     "mnist": dict(epochs=3, batch_size=128, lr=0.1),
 }
 
