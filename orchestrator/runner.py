@@ -126,13 +126,19 @@ class StreamRunner:
             groups.append(group)
             placed = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)}
                       for i in range(1 + n)]
-            store = create_store(capacity_features=getattr(config, "bank_size", 40960))
-            stream_store = create_store(capacity_images=config.kd_steps * config.batch_size)
-            actors += [store, stream_store]
+            # One store per stream, of the kind the method needs (each actor is a process
+            # that imports torch: seconds of start-up on a small machine). Inversion
+            # methods: the instance bank their batches accumulate in (and CMI's feature
+            # bank). Generator methods: a store sized to one round of fresh KD images.
+            if _kind(s.method) == "inversion":
+                store, stream_store = create_store(capacity_features=getattr(config, "bank_size", 40960)), None
+            else:
+                store, stream_store = None, create_store(capacity_images=config.kd_steps * config.batch_size)
+            source = store if store is not None else stream_store
+            actors.append(source)
             synth = SynthesizerWorker.options(**res.synth_options(), **placed[0]).remote(
                 s.dataset, s.method, s.budget, s.overrides, self.teacher_ckpt, s.students, s.seed, store,
                 stream_store, self.device, synth_threads)
-            source = store if _kind(s.method) == "inversion" else stream_store
             trainers = [TrainerWorker.options(**res.trainer_options(n), **placed[1 + j]).remote(
                 s.dataset, s.method, s.budget, s.overrides, self.teacher_ckpt, student, s.seed, source,
                 self.device, trainer_threads, self.eval_split, self.data_root) for j, student in enumerate(s.students)]
