@@ -84,7 +84,7 @@ class SynthesizerWorker:
             # The images the KD steps of this round train on: fresh from the generator, as
             # many as the round's KD steps consume; each trainer uses each batch once.
             # Drawn one KD batch at a time, as `distill` draws them: one 640-image draw
-            # allocates (and page-faults) ~1 GB of activations per round on a CPU, which
+            # allocates (and page-faults) hundreds of MB of activations per round on a CPU, which
             # made a bench round measurably slower than the same round in one process.
             cfg = self.config
             images = np.concatenate([to_uint8(self.synth.sample(cfg.batch_size)).cpu().numpy()
