@@ -60,6 +60,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--experiment", default="dfkd-bench", help="MLflow experiment name")
     p.add_argument("--out", default="runs/bench", help="results folder (shared path on a cluster)")
     p.add_argument("--resume", action="store_true", help="skip cells that already have a finished run")
+    p.add_argument("--dry-run", action="store_true", help="print the cells that would run (and, with --resume, "
+                   "those reused) and stop")
     p.add_argument("--baselines", action="store_true", help="add the T. Scratch and S. Scratch rows")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--data-root", help="folder holding the datasets (see README, Data)")
@@ -260,14 +262,11 @@ def ensure_classifiers(ray, needed: list[tuple[str, str]], args, data_dirs: dict
     return metas
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device {args.device}: use auto, cpu or cuda (actors get whole or fractional GPUs)")
-    p = plan(args)
-    out: Path = p["out"]
-    log = tqdm.write
-    ray = start_ray(args.address)
+def plan_resources(ray, args, p: dict) -> tuple:
+    """(Resources per actor, cells at a time, device) on the cluster Ray reports; raises
+    UsageError (after stopping Ray) when a cell cannot fit."""
+    from orchestrator.runner import Resources
+
     # Devices are the cluster's, not the driver's: a CPU-only head may drive GPU workers.
     cluster = ray.cluster_resources()
     cluster_gpus = cluster.get("GPU", 0)
@@ -292,18 +291,18 @@ def main(argv=None) -> int:
     if problems:
         ray.shutdown()
         raise UsageError("; ".join(problems))
-    from orchestrator.runner import Resources, Stream, StreamRunner, run_streams
+    resources = Resources(per_actor, gpus, node_cpus=int(largest_node))
+    concurrent = max(1, int(cpus // (per_actor * (1 + n_max))))
+    if gpus:
+        concurrent = min(concurrent, max(1, int(cluster_gpus // gpus)))
+    return resources, concurrent, device
 
-    tracker = Tracker(p["uri"], args.experiment, artifact_root=out / "mlartifacts")
-    lock = threading.Lock()
-    parent = tracker.start_parent(f"bench-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  params={"methods": ",".join(p["methods"]), "datasets": ",".join(p["datasets"]),
-                                          "seeds": args.seeds, "budget": args.budget, "mode": args.mode,
-                                          "argv": " ".join(sys.argv[1:]) or "(defaults)"},
-                                  tags={"kind": "bench"})
-    finished = tracker.finished_cells() if args.resume else {}
 
-    # Streams: paper mode, one per cell; shared mode, one per (dataset, teacher, method, seed).
+def split_cells(args, p: dict, finished: dict) -> tuple[list, list[CellKey]]:
+    """Streams still to run and cells reused from `finished` (under the same config).
+    Streams: paper mode, one per cell; shared mode, one per (dataset, teacher, method, seed)."""
+    from orchestrator.runner import Stream
+
     streams, reused = [], []
     for d in p["datasets"]:
         for m in p["methods"]:
@@ -320,16 +319,57 @@ def main(argv=None) -> int:
                     groups = [students] if args.mode == "shared" else [[s] for s in students]
                     streams += [Stream(d, teacher, m, seed, args.budget, args.mode, g, p["overrides"][m])
                                 for g in groups]
-    needed = list(dict.fromkeys((s.dataset, s.teacher) for s in streams))
-    if args.baselines:
-        needed += [(d, a) for d in p["datasets"] for pair in p["pairs"][d] for a in pair if (d, a) not in needed]
-    metas = ensure_classifiers(ray, list(dict.fromkeys(needed)), args, p["data_dirs"], device, log)
+    return streams, reused
 
-    resources = Resources(per_actor, gpus, node_cpus=int(largest_node))
-    concurrent = max(1, int(cpus // (per_actor * (1 + n_max))))
-    if gpus:
-        concurrent = min(concurrent, max(1, int(cluster_gpus // gpus)))
+
+def cached_metas(needed: list[tuple[str, str]], teacher_dir: str) -> dict | None:
+    """Accuracies of the needed classifiers, read from their checkpoints; None when one is
+    missing (a Ray task then trains it)."""
+    from orchestrator.checkpoints import read_checkpoint
+
+    paths = {n: checkpoint_path(Path(teacher_dir), *n) for n in needed}
+    if not all(path.exists() for path in paths.values()):
+        return None
+    return {n: {k: v for k, v in read_checkpoint(path)[1].items() if k in ("accuracy", "train_seconds")}
+            for n, path in paths.items()}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: use auto, cpu or cuda (actors get whole or fractional GPUs)")
+    p = plan(args)
+    out: Path = p["out"]
+    log = tqdm.write
+    tracker = Tracker(p["uri"], args.experiment, artifact_root=out / "mlartifacts") if args.resume else None
+    finished = tracker.finished_cells() if tracker else {}
+    streams, reused = split_cells(args, p, finished)
+    needed = [(s.dataset, s.teacher) for s in streams]
+    if args.baselines:
+        needed += [(d, a) for d in p["datasets"] for pair in p["pairs"][d] for a in pair]
+    needed = list(dict.fromkeys(needed))
     n_cells = sum(len(s.students) for s in streams)
+    if args.dry_run:
+        print(f"{n_cells} cells to run ({len(reused)} finished earlier)")
+        print("\n".join([f"  run    {k.slug}" for s in streams for k in s.cells()] +
+                        [f"  reuse  {k.slug}" for k in reused]))
+        return 0
+    # Nothing to run and every classifier cached (a --resume of a finished bench): the
+    # tables come from MLflow and the checkpoints alone, so no Ray starts.
+    metas = None if streams else cached_metas(needed, args.teacher_dir)
+    ray = start_ray(args.address) if metas is None else None
+    resources, concurrent, device = plan_resources(ray, args, p) if ray else (None, 1, "cpu")
+    tracker = tracker or Tracker(p["uri"], args.experiment, artifact_root=out / "mlartifacts")
+    if ray:  # before the parent run opens: a teacher that cannot be trained leaves no run behind
+        metas = ensure_classifiers(ray, needed, args, p["data_dirs"], device, log)
+    from orchestrator.runner import StreamRunner, run_streams
+
+    lock = threading.Lock()
+    parent = tracker.start_parent(f"bench-{time.strftime('%Y%m%d-%H%M%S')}",
+                                  params={"methods": ",".join(p["methods"]), "datasets": ",".join(p["datasets"]),
+                                          "seeds": args.seeds, "budget": args.budget, "mode": args.mode,
+                                          "argv": " ".join(sys.argv[1:]) or "(defaults)"},
+                                  tags={"kind": "bench"})
     log(f"{n_cells} cells to run ({len(reused)} finished earlier), {len(streams)} streams, "
         f"{concurrent} at a time; MLflow: {p['uri']}")
     bar = tqdm(total=n_cells, desc="cells", unit="cell", dynamic_ncols=True)
@@ -401,7 +441,8 @@ def main(argv=None) -> int:
         if rows:
             tracker.log_table(parent, long, "results.json")
         tracker.finish(parent, "FINISHED")
-    ray.shutdown()
+    if ray:
+        ray.shutdown()
 
     print()
     for d in p["datasets"]:

@@ -38,6 +38,8 @@ def default_recipe(dataset: str, **overrides) -> Recipe:
     recipe = Recipe(**{**values, "sizes": tuple(values.get("sizes", ()))})
     if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
         raise UsageError(f"invalid recipe {recipe}: epochs and batch size must be >= 1 and lr > 0")
+    if not 0.0 <= recipe.warmup < 1.0:
+        raise UsageError(f"invalid --warmup {recipe.warmup}: a fraction of the steps in [0, 1)")
     if any(size < 8 for size in recipe.sizes):
         raise UsageError(f"invalid --sizes {list(recipe.sizes)}: every side must be at least 8 pixels")
     return recipe
@@ -92,6 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--warmup", type=float, help="fraction of the steps with a linear warm-up of the rate")
     parser.add_argument("--sizes", type=_sizes, help="progressive resizing: training side of the first epochs, "
                         "e.g. 16,24 (the last epoch always uses the dataset's size); 'none' turns it off")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
     device = parse_device(args.device)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     recipe = default_recipe(args.dataset, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            sizes=args.sizes)
+                            sizes=args.sizes, warmup=args.warmup)
     _, meta = get_classifier(args.dataset, args.arch, out=args.out, recipe=recipe, device=device,
                              data_root=args.data_root, download=args.download, force=args.force, seed=args.seed)
     print(f"{args.arch} on {args.dataset}: test accuracy {meta['accuracy']:.2f}% "

@@ -57,6 +57,16 @@ class Recipe:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     sizes: tuple[int, ...] = ()
+    warmup: float = 0.0  # fraction of all steps over which the rate rises linearly from 0
+
+    def rate_factor(self, step: int, total: int) -> float:
+        """Multiplier of `lr` at optimizer step `step` of `total`: linear warm-up, then cosine
+        to zero. Over steps, not epochs: with the few epochs a CPU affords, a per-epoch
+        staircase would spend most of the last epoch at a needlessly large rate."""
+        warm = int(self.warmup * total)
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
 
     def size_at(self, epoch: int) -> int | None:
         """The training side for `epoch` (0-based), or None for the dataset's own size."""
@@ -71,9 +81,8 @@ def train_classifier(model: torch.nn.Module, train: ImageSet, test: ImageSet, re
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                 weight_decay=recipe.weight_decay, nesterov=False)
     steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
-    # Cosine over steps, not epochs: with the few epochs a CPU affords, a per-epoch
-    # staircase wastes most of the last epoch at a needlessly large rate.
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.epochs * steps_per_epoch)
+    total_steps = recipe.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: recipe.rate_factor(step, total_steps))
     history = {"epoch": [], "train_loss": [], "test_acc": [], "seconds": []}
     start = time.perf_counter()
     for epoch in range(recipe.epochs):

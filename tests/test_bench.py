@@ -34,7 +34,7 @@ def runs(out):
     return client, client.search_runs([exp.experiment_id])
 
 
-def test_smoke_bench_tables_match_mlflow_and_resume_starts_nothing(env, tmp_path):
+def test_smoke_bench_tables_match_mlflow_and_resume_starts_nothing(env, tmp_path, capsys):
     out = tmp_path / "out"
     proc = bench(env, out, "--methods", "dafl,cmi")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,17 +60,29 @@ def test_smoke_bench_tables_match_mlflow_and_resume_starts_nothing(env, tmp_path
         assert (out / name).exists()
     assert len(list((out / "cells").glob("*/grid.png"))) == 2
 
+    assert "Started a local Ray instance" in proc.stderr
     again = bench(env, out, "--methods", "dafl,cmi", "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 cells to run (2 finished earlier)" in again.stderr + again.stdout
+    assert "Started a local Ray instance" not in again.stderr  # nothing to run: tables from MLflow alone
     _, after = runs(out)
     assert len([r for r in after if "cell.method" in r.data.tags]) == 2  # no new cell run
     assert "DAFL" in again.stdout and "CMI" in again.stdout
+    assert (out / "table_mnist.md").read_text() == table  # the same numbers, rebuilt from MLflow
 
-    # A finished cell is reused only under the same effective config.
-    changed = bench(env, out, "--methods", "dafl", "--resume", "--set", "g_steps=3")
-    assert changed.returncode == 0, changed.stderr[-3000:]
-    assert "1 cells to run (0 finished earlier)" in changed.stderr + changed.stdout
+    # A finished cell is reused only under the same effective config (--dry-run: the plan only).
+    from orchestrator import bench as bench_cli
+    from orchestrator.cli import run_cli
+
+    for extra, plan in ((["--methods", "dafl,cmi"], "0 cells to run (2 finished earlier)"),
+                        (["--methods", "dafl", "--set", "g_steps=3"], "1 cells to run (0 finished earlier)")):
+        with pytest.raises(SystemExit) as exc:
+            run_cli(bench_cli.main, argv(env, out, *extra, "--resume", "--dry-run"))
+        printed = capsys.readouterr().out
+        assert exc.value.code == 0 and plan in printed, printed
+    assert "run    mnist" in printed and "dafl" in printed
+    _, final = runs(out)
+    assert len(final) == len(after)  # a dry run opens no run
 
 
 @pytest.mark.parametrize("extra,needle", [

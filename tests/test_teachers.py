@@ -82,6 +82,7 @@ def test_pickled_object_checkpoint_refused(tmp_path):
     (["--device", "tpu"], "--device"),
     (["--sizes", "16,x"], "--sizes"),
     (["--sizes", "4"], "--sizes"),
+    (["--warmup", "1.5"], "--warmup"),
 ])
 def test_bad_input_exit_2(argv, needle, capsys):
     assert run(argv) == 2
@@ -110,3 +111,26 @@ def test_progressive_resizing_trains_small_first_and_ends_at_full_size(tiny_mnis
     assert "epoch 1/2 (16px)" in out and "epoch 2/2 (32px)" in out
     _, meta = load_classifier(tmp_path / "ckpt" / "mnist-resnet8.pt", dataset="mnist", num_classes=10, channels=1)
     assert list(meta["recipe"]["sizes"]) == [16]
+
+
+def test_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
+    import math
+
+    import torch
+
+    from orchestrator.training import Recipe
+
+    recipe, total = Recipe(lr=0.2, warmup=0.1), 100
+    factors = [recipe.rate_factor(step, total) for step in range(total)]
+    assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])  # warm-up ends at the peak
+    assert factors[10] == 1.0 and factors[55] == pytest.approx(0.5) and factors[-1] < 0.001
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    # without warm-up it is exactly torch's CosineAnnealingLR over the same steps
+    plain = Recipe(lr=0.1)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    for step in range(total):
+        assert 0.1 * plain.rate_factor(step, total) == pytest.approx(opt.param_groups[0]["lr"])
+        opt.step()
+        cosine.step()
+    assert math.isclose(plain.rate_factor(0, total), 1.0)
