@@ -1,20 +1,15 @@
 """orchestrator.tune end to end: a real local Ray (2 CPUs), a real MLflow SQLite store,
 a tiny MNIST in idx format and a resnet8 teacher trained once for the module.
 
-Trials run deepinv on the smoke budget with 2-3 epochs (so ASHA and per-epoch
-checkpoints have something to do) over a two-field space.
+Trials run deepinv on the smoke budget with 2 epochs (so ASHA and per-epoch checkpoints
+have something to do) over a two-field space. The interrupted-and-resumed search and the
+search on a head node joined with --address are in tests/test_cluster.py.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,9 +19,7 @@ from methods import get_method, list_methods, make_config
 from orchestrator import tune
 from orchestrator.bench import method_overrides
 from orchestrator.cli import run_cli
-from tests.ray_head import ray_head
 
-ROOT = Path(__file__).resolve().parents[1]
 # lr 1e30 makes the student's weights explode in the first KD step, so the next loss is
 # NaN: that trial must end ERRORED while the others finish. With --seed 2 Optuna draws
 # lr = 1e30, 0.05, 0.05, 0.05 for the four trials (checked; the seed fixes the draws).
@@ -185,102 +178,3 @@ def test_int_ranges_keep_both_ends_and_step():
     assert (d["g_steps"].low, d["g_steps"].high, d["g_steps"].step) == (1, 5, 1)
     assert (d["synthesis_batch_size"].low, d["synthesis_batch_size"].high, d["synthesis_batch_size"].step) == \
         (64, 256, 64)
-
-
-def _subprocess(args, log: Path, **env_vars) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0", **env_vars}
-    return subprocess.Popen([sys.executable, "-m", "orchestrator.tune", *args], cwd=ROOT, env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _end(proc: subprocess.Popen) -> None:
-    """Ends what this test started: the process group of its own subprocess."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-def _wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            break
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_an_interrupted_search_resumes_without_rerunning_finished_trials(env):
-    """Ctrl-C once the first trial has finished and the second has checkpointed epoch 1
-    (of 3); --resume must leave the first alone and continue the second from epoch 2."""
-    out = env / "resume"
-    args = argv(env, out, "--space", str(env / "small.yaml"), "--name", "resumable", "--max-concurrent", "1",
-                "--set", "epochs=3", "--grace-period", "3", samples=2)  # ASHA must not end trial 2 early
-
-    def first_done_second_started():
-        with contextlib.suppress(OSError, ValueError):
-            trials = json.loads((out / "searches" / "resumable.json").read_text())["trials"]
-            done = [k for k, t in trials.items() if t.get("status") == "FINISHED"]
-            running = [k for k, t in trials.items() if t.get("status") == "RUNNING" and t.get("epochs")]
-            return done[0] if done and running else None
-
-    proc = _subprocess(args, env / "resume1.log")
-    try:
-        first = _wait_for(first_done_second_started, 240, "the first trial to finish", proc)
-        os.kill(proc.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and stops the other trial
-        assert proc.wait(timeout=120) == 130, (env / "resume1.log").read_text()
-    finally:
-        _end(proc)
-    (result_file,) = (out / "ray_results" / "resumable").glob(f"trial_{first}_*/result.json")
-    before = result_file.read_text(), result_file.stat().st_mtime_ns
-    assert "continue it with --resume" in (env / "resume1.log").read_text()
-
-    stdout = io.StringIO()  # the resumed run in this process: it starts (and stops) a Ray of its own
-    with contextlib.redirect_stdout(stdout):
-        code = tune.main([*args, "--resume"])
-    assert code == 0, stdout.getvalue()
-    assert "continuing the search" in stdout.getvalue()
-    trials = record(out)["trials"]
-    assert len(trials) == 2 and all(t["status"] == "FINISHED" for t in trials.values())
-    assert trials[first]["starts"] == 1  # never started again
-    assert (result_file.read_text(), result_file.stat().st_mtime_ns) == before
-    (second,) = set(trials) - {first}
-    assert trials[second]["starts"] == 2  # interrupted, then continued
-    (other,) = (out / "ray_results" / "resumable").glob(f"trial_{second}_*/result.json")
-    results = [json.loads(line) for line in other.read_text().splitlines()]
-    epochs = [r["epoch"] for r in results]
-    assert epochs == [1, 2, 3] or epochs == [1, 3]  # from its checkpoint: no epoch reported twice
-    assert all(r["training_iteration"] == r["epoch"] for r in results)  # ASHA's clock survives the restore
-    _, parents, children = runs(out)
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
-    assert (out / "preset_deepinv_mnist.json").exists()
-
-
-def test_search_on_a_cluster_joined_with_address(env, tmp_path):
-    """Last in the module: a head node of our own, joined with --address, then stopped.
-
-    Head and driver run without Ray's token auth: ~/.ray/auth_token is shared with
-    every other Ray on this machine, and a token another cluster rewrote there would
-    lock our driver out."""
-    import ray
-
-    assert not ray.is_initialized()
-    with ray_head(tmp_path / "head.log") as address:
-        out = tmp_path / "out"
-        driver = _subprocess(argv(env, out, "--space", str(env / "small.yaml"), "--address", address,
-                                  "--cpus-per-trial", "1", "--gpus-per-trial", "0", samples=2),
-                             tmp_path / "driver.log", RAY_AUTH_MODE="disabled")
-        try:
-            code = driver.wait(timeout=300)
-        finally:
-            _end(driver)
-        text = (tmp_path / "driver.log").read_text()
-        assert code == 0, text
-        assert "Connecting to existing Ray cluster" in text
-        _, parents, children = runs(out)
-        assert len(parents) == 1 and len(children) == 2
-        assert all(c.info.status == "FINISHED" for c in children)
-        assert json.loads((out / "preset_deepinv_mnist.json").read_text())["method"] == "deepinv"
-
