@@ -232,7 +232,24 @@ def start_ray(address: str | None):
     return ray
 
 
-def ensure_classifiers(ray, needed: list[tuple[str, str]], args, data_dirs: dict, device: str, log) -> dict:
+def cached_classifiers(needed: list[tuple[str, str]], teacher_dir: str, log) -> dict:
+    """Accuracy (and training time) of each needed classifier whose checkpoint exists,
+    loaded and checked against its dataset here in the driver: no Ray worker has to start
+    (and import torch) just to read a cached teacher. The cache is a path every node sees."""
+    from orchestrator.checkpoints import load_classifier
+
+    metas = {}
+    for dataset, arch in needed:
+        path = checkpoint_path(Path(teacher_dir).resolve(), dataset, arch)
+        if path.exists():
+            spec = get_dataset_spec(dataset)
+            _, meta = load_classifier(path, dataset=dataset, num_classes=spec.num_classes, channels=spec.channels)
+            metas[(dataset, arch)] = {k: meta[k] for k in ("accuracy", "train_seconds") if k in meta}
+            log(f"{arch} on {dataset}: {meta['accuracy']:.2f}% test accuracy ({path})")
+    return metas
+
+
+def train_classifiers(ray, missing: list[tuple[str, str]], args, data_dirs: dict, device: str, log) -> dict:
     """Trains missing teachers (and scratch students) in Ray tasks, one at a time, before
     any cell starts, so no two cells race to train the same teacher."""
     from orchestrator.teachers import get_classifier
@@ -248,13 +265,12 @@ def ensure_classifiers(ray, needed: list[tuple[str, str]], args, data_dirs: dict
         return {k: meta[k] for k in ("accuracy", "train_seconds") if k in meta}
 
     metas = {}
-    for dataset, arch in needed:
+    for dataset, arch in missing:
         path = checkpoint_path(teacher_dir, dataset, arch)
-        if not path.exists():
-            log(f"training {arch} on {dataset} (missing from {teacher_dir}) ...")
+        log(f"training {arch} on {dataset} (missing from {teacher_dir}) ...")
         try:
             metas[(dataset, arch)] = ray.get(train.remote(dataset, arch, data_dirs[dataset], os.cpu_count() or 1))
-        except ray.exceptions.RayTaskError as exc:  # a bad checkpoint or data: the cause, in one line
+        except ray.exceptions.RayTaskError as exc:  # bad data, a crash: the cause, in one line
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             raise UsageError(f"preparing {arch} on {dataset} failed: "
                              f"{(str(cause).strip().splitlines() or [type(cause).__name__])[0]}") from None
@@ -322,18 +338,6 @@ def split_cells(args, p: dict, finished: dict) -> tuple[list, list[CellKey]]:
     return streams, reused
 
 
-def cached_metas(needed: list[tuple[str, str]], teacher_dir: str) -> dict | None:
-    """Accuracies of the needed classifiers, read from their checkpoints; None when one is
-    missing (a Ray task then trains it)."""
-    from orchestrator.checkpoints import read_checkpoint
-
-    paths = {n: checkpoint_path(Path(teacher_dir), *n) for n in needed}
-    if not all(path.exists() for path in paths.values()):
-        return None
-    return {n: {k: v for k, v in read_checkpoint(path)[1].items() if k in ("accuracy", "train_seconds")}
-            for n, path in paths.items()}
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.device not in ("auto", "cpu", "cuda"):
@@ -354,14 +358,15 @@ def main(argv=None) -> int:
         print("\n".join([f"  run    {k.slug}" for s in streams for k in s.cells()] +
                         [f"  reuse  {k.slug}" for k in reused]))
         return 0
+    metas = cached_classifiers(needed, args.teacher_dir, log)
+    missing = [n for n in needed if n not in metas]
     # Nothing to run and every classifier cached (a --resume of a finished bench): the
     # tables come from MLflow and the checkpoints alone, so no Ray starts.
-    metas = None if streams else cached_metas(needed, args.teacher_dir)
-    ray = start_ray(args.address) if metas is None else None
+    ray = start_ray(args.address) if streams or missing else None
     resources, concurrent, device = plan_resources(ray, args, p) if ray else (None, 1, "cpu")
     tracker = tracker or Tracker(p["uri"], args.experiment, artifact_root=out / "mlartifacts")
-    if ray:  # before the parent run opens: a teacher that cannot be trained leaves no run behind
-        metas = ensure_classifiers(ray, needed, args, p["data_dirs"], device, log)
+    if missing:  # before the parent run opens: a teacher that cannot be trained leaves no run behind
+        metas.update(train_classifiers(ray, missing, args, p["data_dirs"], device, log))
     from orchestrator.runner import StreamRunner, run_streams
 
     lock = threading.Lock()

@@ -29,7 +29,7 @@ from ray.tune import Callback  # importing Ray's API does not start Ray
 
 from benchmarks.datasets import get_dataset_spec, load_split
 from methods import get_method, list_methods, make_config
-from orchestrator.bench import check_address, check_writable, ensure_classifiers, parse_pairs, start_ray
+from orchestrator.bench import check_address, check_writable, parse_pairs, start_ray, train_classifiers
 from orchestrator.cell import BUDGETS, CellKey, CellRequest, check_cell, run_cell
 from orchestrator.cli import ArgumentParser, UsageError, run_cli
 from orchestrator.distill import add_data_args, parse_sets
@@ -324,7 +324,7 @@ def main(argv=None) -> int:
     try:
         if not checkpoint_path(Path(args.teacher_dir).resolve(), key.dataset, key.teacher).exists():
             device = "cuda" if torch.cuda.is_available() else "cpu"  # trained once here, not by each trial
-            ensure_classifiers(ray, [(key.dataset, key.teacher)], args, {key.dataset: p["data_root"]}, device,
+            train_classifiers(ray, [(key.dataset, key.teacher)], args, {key.dataset: p["data_root"]}, device,
                                print)
         ctx = {"key": dataclasses.asdict(key), "fixed": p["fixed"], "data_root": p["data_root"], "gpus": gpus,
                "teacher_dir": str(Path(args.teacher_dir).resolve()), "threads": max(int(args.cpus_per_trial), 1)}

@@ -66,8 +66,8 @@ def table_row(table: str, method: str) -> list[str]:
 def test_bench_tables_match_mlflow_a_nan_cell_fails_alone_and_resume_starts_nothing(
         tiny_mnist, head, tmp_path, capsys):
     env, out = tiny_mnist, tmp_path / "out"
-    # dafl with an absurd learning rate diverges to NaN; cmi and deepinv must still finish.
-    proc = test_bench.bench(env, out, "--methods", "dafl,cmi,deepinv", "--set", "dafl.lr=1e30",
+    # dafl with an absurd learning rate diverges to NaN; cmi must still finish.
+    proc = test_bench.bench(env, out, "--methods", "dafl,cmi", "--set", "dafl.lr=1e30",
                             "--address", head, extra_env=HEAD_ENV)
     assert proc.returncode == 1, proc.stderr[-3000:]  # one cell failed
     assert "Connecting to existing Ray cluster" in proc.stderr
@@ -75,9 +75,9 @@ def test_bench_tables_match_mlflow_a_nan_cell_fails_alone_and_resume_starts_noth
     client, all_runs = test_bench.runs(out)
     parents = [r for r in all_runs if r.data.tags.get("kind") == "bench"]
     children = [r for r in all_runs if "cell.method" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 3
+    assert len(parents) == 1 and len(children) == 2
     status = {c.data.tags["cell.method"]: c.info.status for c in children}
-    assert status == {"dafl": "FAILED", "cmi": "FINISHED", "deepinv": "FINISHED"}
+    assert status == {"dafl": "FAILED", "cmi": "FINISHED"}
     table = (out / "table_mnist.md").read_text()
     assert "failed" in table_row(table, "DAFL")[1]
     long = pd.read_csv(out / "results.csv")
@@ -95,25 +95,24 @@ def test_bench_tables_match_mlflow_a_nan_cell_fails_alone_and_resume_starts_noth
         assert f"{history[-1].value:.2f}" in table
     for name in ("results.csv", "table_mnist.md", "table_mnist.tex", "accuracy_mnist.png"):
         assert (out / name).exists()
-    assert {p.parent.name.split("_")[2] for p in (out / "cells").glob("*/grid.png")} >= {"cmi", "deepinv"}
+    assert {p.parent.name.split("_")[2] for p in (out / "cells").glob("*/grid.png")} >= {"cmi"}
 
-    # Resume (no --address): both finished cells reused, so no Ray starts at all.
-    again = test_bench.bench(env, out, "--methods", "cmi,deepinv", "--resume")
+    # Resume (no --address) of the finished cell: reused, so no Ray starts at all.
+    again = test_bench.bench(env, out, "--methods", "cmi", "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "0 cells to run (2 finished earlier)" in again.stderr + again.stdout
+    assert "0 cells to run (1 finished earlier)" in again.stderr + again.stdout
     assert "Ray instance" not in again.stderr and "Ray cluster" not in again.stderr
     _, after = test_bench.runs(out)
-    assert len([r for r in after if "cell.method" in r.data.tags]) == 3  # no new cell run
+    assert len([r for r in after if "cell.method" in r.data.tags]) == 2  # no new cell run
     rebuilt = (out / "table_mnist.md").read_text()
-    for method in ("CMI", "DeepInv"):  # the same numbers, rebuilt from MLflow
-        assert table_row(rebuilt, method) == table_row(table, method)
+    assert table_row(rebuilt, "CMI") == table_row(table, "CMI")  # the same numbers, rebuilt from MLflow
 
     # The failed cell runs again; a finished one is reused only under the same effective
     # config (--dry-run prints the plan and starts nothing).
     from orchestrator import bench as bench_cli
     from orchestrator.cli import run_cli
 
-    for extra, plan in ((["--methods", "dafl,cmi,deepinv"], "1 cells to run (2 finished earlier)"),
+    for extra, plan in ((["--methods", "dafl,cmi"], "1 cells to run (1 finished earlier)"),
                         (["--methods", "cmi", "--set", "g_steps=3"], "1 cells to run (0 finished earlier)")):
         with pytest.raises(SystemExit) as exc:
             bench_cli_argv = test_bench.argv(env, out, *extra, "--resume", "--dry-run")
