@@ -5,6 +5,7 @@
     python -m orchestrator.bench --methods dafl,deepinv,cmi --datasets cifar10,cifar100,tiny --budget paper
     python -m orchestrator.bench --address auto --tracking-uri http://127.0.0.1:5000 --out /shared/runs
     python -m orchestrator.bench --resume         # skip cells that already finished
+    python -m orchestrator.bench --resume --dry-run   # list what would run and what would be reused
 
 Everything a user can get wrong is checked before Ray starts. Outputs in --out:
 results.csv (long: one row per cell and metric), table_<dataset>.md/.tex, accuracy_<dataset>.png,
