@@ -341,7 +341,11 @@ def main(argv=None) -> int:
                 tune_config=tune.TuneConfig(
                     metric=p["metric"], mode=p["mode"], num_samples=p["num_samples"],
                     max_concurrent_trials=args.max_concurrent, search_alg=OptunaSearch(seed=args.seed),
-                    scheduler=ASHAScheduler(time_attr="training_iteration", max_t=p["max_t"],
+                    # ASHA's clock is the cell's own epoch, not Tune's report count: a trial
+                    # interrupted between writing its state and Tune saving the checkpoint
+                    # continues from the newer state in its folder, and Tune's count, taken
+                    # from the older checkpoint, would then run one behind.
+                    scheduler=ASHAScheduler(time_attr="epoch", max_t=p["max_t"],
                                             grace_period=min(args.grace_period, p["max_t"]))),
                 run_config=tune.RunConfig(
                     name=p["name"], storage_path=str(p["storage"]), callbacks=[recorder], verbose=0,
