@@ -325,7 +325,7 @@ def main(argv=None) -> int:
         if not checkpoint_path(Path(args.teacher_dir).resolve(), key.dataset, key.teacher).exists():
             device = "cuda" if torch.cuda.is_available() else "cpu"  # trained once here, not by each trial
             train_classifiers(ray, [(key.dataset, key.teacher)], args, {key.dataset: p["data_root"]}, device,
-                               print)
+                              print)
         ctx = {"key": dataclasses.asdict(key), "fixed": p["fixed"], "data_root": p["data_root"], "gpus": gpus,
                "teacher_dir": str(Path(args.teacher_dir).resolve()), "threads": max(int(args.cpus_per_trial), 1)}
         trainable = tune.with_resources(make_trainable(ctx), {"cpu": args.cpus_per_trial, "gpu": gpus})
