@@ -134,3 +134,16 @@ def test_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
         opt.step()
         cosine.step()
     assert math.isclose(plain.rate_factor(0, total), 1.0)
+
+
+def test_train_step_benchmark_prints_rates_and_refuses_bad_input(capsys):
+    """The figure behind the teacher recipe's batch size (orchestrator.perf.train_step)."""
+    from orchestrator.perf import train_step
+
+    argv = ["--arch", "resnet8", "--sides", "8", "16", "--batch-sizes", "4", "2", "--seconds", "0.01", "--threads", "1"]
+    assert train_step.main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "images/s" in line and "px" in line]
+    assert len(rows) == 4 and "(1.00x batch 4)" in rows[0] and "16 px  batch    2" in rows[3]
+    assert train_step.main(["--arch", "nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert train_step.main(["--batch-sizes", "0"]) == 2
