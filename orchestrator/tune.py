@@ -159,7 +159,11 @@ def make_trainable(ctx: dict):
         if checkpoint:  # a retried or resumed trial: run_cell continues from this state
             state.parent.mkdir(parents=True, exist_ok=True)
             with checkpoint.as_directory() as folder:
-                shutil.copy(Path(folder) / "state.pt", state)
+                # ...unless the trial's own state is newer: Ctrl-C can fall after an epoch's
+                # state and report were written but before Tune recorded that checkpoint;
+                # restoring the older one would run (and report) that epoch twice.
+                if epochs_done(Path(folder) / "state.pt") > epochs_done(state):
+                    shutil.copy(Path(folder) / "state.pt", state)
 
         epochs = make_config(request.key.method, request.key.budget, request.overrides).epochs
         last: dict = {}
@@ -356,6 +360,18 @@ def main(argv=None) -> int:
     finally:
         if owned:
             ray.shutdown()
+
+
+def epochs_done(state_path: Path) -> int:
+    """Epochs a cell's resume state has finished (0 when there is none)."""
+    if not state_path.exists():
+        return 0
+    import torch
+
+    from orchestrator.loop import History
+
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    return History(**state["history"]).epochs_done
 
 
 def report(results, p: dict, tracker: Tracker, parent: str) -> int:

@@ -173,9 +173,10 @@ def test_an_interrupted_search_on_the_head_resumes_without_rerunning_finished_tr
     (other,) = (out / "ray_results" / "resumable").glob(f"trial_{second}_*/result.json")
     results = [json.loads(line) for line in other.read_text().splitlines()]
     epochs = [r["epoch"] for r in results]
-    # From its last state: no epoch reported twice. (Tune's own report count can run one
-    # behind here, when Ctrl-C fell between the state write and Tune's checkpoint; ASHA
-    # therefore counts epochs, see orchestrator/tune.py.)
+    # From its newest state, whether Tune recorded that checkpoint or not: no epoch run or
+    # reported twice. (Tune's own report count can run one behind here, when Ctrl-C fell
+    # between the state write and Tune's checkpoint; ASHA therefore counts epochs, and the
+    # trial keeps its own state when it is newer than Tune's, see orchestrator/tune.py.)
     assert epochs == [1, 2, 3] or epochs == [1, 3]
     _, parents, children = test_tune.runs(out)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
