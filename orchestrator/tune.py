@@ -159,11 +159,7 @@ def make_trainable(ctx: dict):
         if checkpoint:  # a retried or resumed trial: run_cell continues from this state
             state.parent.mkdir(parents=True, exist_ok=True)
             with checkpoint.as_directory() as folder:
-                # ...unless the trial's own state is newer: Ctrl-C can fall after an epoch's
-                # state and report were written but before Tune recorded that checkpoint;
-                # restoring the older one would run (and report) that epoch twice.
-                if epochs_done(Path(folder) / "state.pt") > epochs_done(state):
-                    shutil.copy(Path(folder) / "state.pt", state)
+                restore_state(Path(folder) / "state.pt", state)
 
         epochs = make_config(request.key.method, request.key.budget, request.overrides).epochs
         last: dict = {}
@@ -360,6 +356,17 @@ def main(argv=None) -> int:
     finally:
         if owned:
             ray.shutdown()
+
+
+def restore_state(saved: Path, state: Path) -> bool:
+    """Copies Tune's checkpointed cell state over the trial's own, unless the trial's own is
+    as new: Ctrl-C can fall after an epoch's state and report were written but before Tune
+    recorded that checkpoint, and restoring the older one would run (and report) that epoch
+    twice. Returns whether it copied."""
+    if epochs_done(saved) <= epochs_done(state):
+        return False
+    shutil.copy(saved, state)
+    return True
 
 
 def epochs_done(state_path: Path) -> int:

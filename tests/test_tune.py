@@ -178,3 +178,27 @@ def test_int_ranges_keep_both_ends_and_step():
     assert (d["g_steps"].low, d["g_steps"].high, d["g_steps"].step) == (1, 5, 1)
     assert (d["synthesis_batch_size"].low, d["synthesis_batch_size"].high, d["synthesis_batch_size"].step) == \
         (64, 256, 64)
+
+
+def test_a_restored_trial_keeps_its_own_state_when_it_is_newer(tmp_path):
+    """Tune's recorded checkpoint can lag the trial's own state by an epoch (Ctrl-C between
+    the two); the newer state must win, or that epoch runs and is reported twice."""
+    import dataclasses
+
+    from orchestrator.loop import History, save_state
+
+    def state_with(epochs: int, path: Path) -> Path:
+        history = History(accuracy=[50.0] * epochs)
+        save_state(path, {"history": dataclasses.asdict(history), "marker": epochs})
+        return path
+
+    import torch
+
+    tune_ckpt, own = state_with(1, tmp_path / "ckpt" / "state.pt"), state_with(2, tmp_path / "cell" / "state.pt")
+    assert not tune.restore_state(tune_ckpt, own)
+    assert torch.load(own, weights_only=True)["marker"] == 2
+    state_with(3, tune_ckpt)  # Tune's is newer (e.g. the trial moved to another node): it wins
+    assert tune.restore_state(tune_ckpt, own) and torch.load(own, weights_only=True)["marker"] == 3
+    missing = tmp_path / "fresh" / "state.pt"
+    missing.parent.mkdir()
+    assert tune.restore_state(tune_ckpt, missing) and tune.epochs_done(missing) == 3
