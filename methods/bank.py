@@ -82,10 +82,11 @@ class InstanceBank:
     separate FIFO of feature vectors (CMI's negatives).
 
     `capacity_images=None` keeps every image (the reference pool grows without bound);
-    `capacity_features` is CMI's bank size.
+    `capacity_features` is CMI's memory-bank size (None: unbounded). A method states both
+    in `Synthesizer.store_capacity`.
     """
 
-    def __init__(self, capacity_images: int | None = None, capacity_features: int | None = 40960):
+    def __init__(self, capacity_images: int | None = None, capacity_features: int | None = None):
         self._images = _Fifo(capacity_images)
         self._labels = _Fifo(capacity_images)
         self._features = _Fifo(capacity_features)
@@ -124,10 +125,6 @@ class InstanceBank:
     def sample(self, n: int) -> torch.Tensor:
         """n random images, uint8 (n, C, H, W)."""
         return self._images.take(self._draw(n, len(self)))
-
-    def sample_with_labels(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self._draw(n, len(self))
-        return self._images.take(index), self._labels.take(index)
 
     def negatives(self, k: int) -> torch.Tensor:
         """min(k, stored) random feature rows, float (., D); (0, 0) while empty."""

@@ -1,7 +1,10 @@
 """The Synthesizer interface every DFKD method implements, and its shared helpers.
 
-The loop (orchestrator/) only ever calls `synthesize()`, `sample()`, `state_dict()`,
-`load_state_dict()` and reads `images_synthesized`; it never asks which method it runs.
+The round loop (orchestrator/core/loop.py) only ever calls `synthesize()`, `sample()`,
+`state_dict()`, `load_state_dict()` and reads `images_synthesized`. What a method needs
+from wherever it runs (in one process or across Ray actors) it declares on its class
+(`fresh_kd_batches`, `store_capacity`, `kd_view`, its config's `warmup_epochs`), so
+nothing outside methods/ asks which method, or which kind of method, it runs.
 """
 from __future__ import annotations
 
@@ -22,13 +25,11 @@ from .spec import ImageSpec
 
 @dataclass
 class SynthesisResult:
-    """One synthesis round: the batch kept (float [0, 1], CPU), the unweighted loss
-    terms of the kept step plus their weighted "total", and (CMI only) the features
-    pushed to the memory bank."""
+    """One synthesis round: the batch kept (float [0, 1], CPU) and the unweighted loss
+    terms of the kept step plus their weighted "total"."""
 
     images: torch.Tensor
     losses: dict[str, float]
-    features: torch.Tensor | None = None
 
 
 def place(module: nn.Module, device) -> nn.Module:
@@ -61,7 +62,9 @@ class Synthesizer(abc.ABC):
     """
 
     name: ClassVar[str]  # set by @register
-    kind: ClassVar[str]  # "generator" or "inversion"
+    kind: ClassVar[str]  # a label for tables and docs ("generator", "inversion"); never dispatched on
+    paper: ClassVar[str] = ""  # "Authors, venue year" for the README's method table
+    optimizes: ClassVar[str] = ""  # one line: what the synthesis optimises
     Config: ClassVar[type[BaseConfig]]
     budgets: ClassVar[dict[str, dict]]
     # Plain data for Ray Tune, so methods/ needs no ray (the orchestrator converts it):
@@ -95,8 +98,22 @@ class Synthesizer(abc.ABC):
     def sample(self, batch_size: int) -> torch.Tensor:
         """Images for one KD step: float [0, 1], (batch_size, C, H, W), on `device`."""
 
-    def on_student_updated(self) -> None:
-        """Called by the loop after student updates (shared mode publishes weights)."""
+    # -- what the method needs from wherever it runs ------------------------------------
+
+    # True: every KD batch is drawn fresh from the synthesizer (`sample`), so a runtime
+    # that trains students in other processes must ship each round's KD images to them.
+    # False: KD batches are drawn from the bank of kept batches, through `kd_view`.
+    fresh_kd_batches: ClassVar[bool] = False
+
+    @classmethod
+    def store_capacity(cls, config: BaseConfig) -> tuple[int | None, int | None]:
+        """(images, feature rows) the method's bank or store must hold; None = unbounded."""
+        return None, None
+
+    @staticmethod
+    def kd_view(images: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+        """How a KD step reads a batch drawn from the bank ([0, 1] floats in and out)."""
+        return images
 
     def state_dict(self) -> dict:
         return {"images_synthesized": self.images_synthesized}

@@ -86,6 +86,8 @@ class CMI(InversionSynthesizer):
     """
 
     Config = CMIConfig
+    paper = "Fang et al., IJCAI 2021"
+    optimizes = "BN, one-hot, agreement-masked adversarial KL, contrastive InfoNCE against a memory bank"
     budgets = inversion_budgets(cpu_g_steps=20, bank_size=64, n_neg=16)
     SEARCH_SPACE = {
         "lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
@@ -95,6 +97,12 @@ class CMI(InversionSynthesizer):
         "cr": {"type": "uniform", "low": 0.0, "high": 2.0},
         "cr_T": {"type": "loguniform", "low": 0.02, "high": 1.0},
     }
+
+    @classmethod
+    def store_capacity(cls, config):
+        """The image pool grows without bound (as in the reference); the feature memory
+        bank holds `bank_size` rows."""
+        return None, config.bank_size
 
     def __init__(self, teacher, student, config, spec, bank=None, device="cpu"):
         super().__init__(teacher, student, config, spec, bank, device)
@@ -166,7 +174,7 @@ class CMI(InversionSynthesizer):
                 self.head_optimizer.step()
         best_images, best_features, report = best
         images = self.keep(best_images, targets, best_features)
-        return SynthesisResult(images, report, best_features.cpu())
+        return SynthesisResult(images, report)
 
     def state_dict(self) -> dict:
         # The generator restarts every batch, so its weights matter only for inspection;

@@ -51,6 +51,7 @@ class BaseConfig:
     lr_g: float = param(1e-3, gt=0, help="synthesis learning rate (Adam)")
     T: float = param(20.0, gt=0, help="KD temperature")
     kd_criterion: str = param("kl", choices=("kl", "l1"), help="student KD loss")
+    warmup_epochs: int = param(0, ge=0, help="first epochs that only synthesize (no KD), e.g. Fast-DFKD, NAYER")
 
     def __post_init__(self):
         self.validate()
@@ -65,6 +66,9 @@ class BaseConfig:
         if self.kd_steps > self.ep_steps:
             raise ConfigError(f"kd_steps ({self.kd_steps}) must not exceed ep_steps ({self.ep_steps}): "
                               "each epoch runs ep_steps // kd_steps synthesis rounds")
+        if self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs}): "
+                              "a cell must distill in at least one epoch")
 
     def weights(self) -> dict[str, float]:
         """Loss weights by term name; a method's loss term `x` is weighted by field `x`."""

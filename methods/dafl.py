@@ -27,6 +27,8 @@ class DAFL(GeneratorSynthesizer):
     """Chen et al., "Data-Free Learning of Student Networks", ICCV 2019."""
 
     Config = DAFLConfig
+    paper = "Chen et al., ICCV 2019"
+    optimizes = "one-hot (teacher argmax), activation, class balance"
     SEARCH_SPACE = {
         "lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
         "g_steps": {"type": "int", "low": 1, "high": 5},

@@ -51,6 +51,8 @@ class DeepInv(InversionSynthesizer):
     """
 
     Config = DeepInvConfig
+    paper = "Yin et al., CVPR 2020"
+    optimizes = "BN statistics, one-hot, TV prior, adaptive JS competition"
     budgets = inversion_budgets(cpu_g_steps=50)
     SEARCH_SPACE = {
         "lr_g": {"type": "loguniform", "low": 0.01, "high": 0.5},

@@ -22,6 +22,8 @@ class DFAD(GeneratorSynthesizer):
     """Fang et al., "Data-Free Adversarial Distillation", arXiv:1912.11006, 2019."""
 
     Config = DFADConfig
+    paper = "Fang et al., arXiv 2019"
+    optimizes = "adversarial L1 on logits"
     SEARCH_SPACE = {
         "lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
         "g_steps": {"type": "int", "low": 1, "high": 5},

@@ -30,6 +30,8 @@ class DFQ(GeneratorSynthesizer):
     Distillation", CVPR Workshops 2020."""
 
     Config = DFQConfig
+    paper = "Choi et al., CVPRW 2020"
+    optimizes = "BN statistics, one-hot, adversarial KL, class balance"
     uses_bn_stats = True
     SEARCH_SPACE = {
         "lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-2},

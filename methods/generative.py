@@ -39,7 +39,13 @@ class GeneratorConfig(BaseConfig):
 
 class GeneratorSynthesizer(Synthesizer):
     kind = "generator"
+    fresh_kd_batches = True  # every KD step trains on a fresh batch from the generator
     budgets = GENERATOR_BUDGETS
+
+    @classmethod
+    def store_capacity(cls, config):
+        """One round of fresh KD images (kd_steps batches), for a runtime that ships them."""
+        return config.kd_steps * config.batch_size, None
     # DFQ's BN prior needs the teacher's BatchNorm hooks; the others skip their cost.
     uses_bn_stats = False
 

@@ -13,7 +13,7 @@ from .base import Synthesizer
 def augment_pool_batch(x: torch.Tensor, spec) -> torch.Tensor:
     """How KD reads an inversion pool: the reference reads it back through the dataset's
     training transforms (CIFAR: random crop with padding 4, horizontal flip); the same,
-    one draw per image. Also used by the Ray trainer actors that pull from a store."""
+    one draw per image."""
     if spec.crop_padding:
         x = random_crop_with_padding(x, spec.crop_padding)
     if spec.hflip:
@@ -23,11 +23,13 @@ def augment_pool_batch(x: torch.Tensor, spec) -> torch.Tensor:
 
 class InversionSynthesizer(Synthesizer):
     kind = "inversion"
+    fresh_kd_batches = False  # KD samples the whole bank of kept batches
+    kd_view = staticmethod(augment_pool_batch)
 
     def __init__(self, teacher, student, config, spec, bank=None, device="cpu"):
         super().__init__(teacher, student, config, spec, bank, device)
         if self.bank is None:
-            self.bank = InstanceBank(capacity_features=getattr(config, "bank_size", 40960))
+            self.bank = InstanceBank(*self.store_capacity(config))
 
     def keep(self, images: torch.Tensor, targets: torch.Tensor,
              features: torch.Tensor | None = None) -> torch.Tensor:
@@ -39,7 +41,7 @@ class InversionSynthesizer(Synthesizer):
         return images
 
     def sample(self, batch_size: int) -> torch.Tensor:
-        return augment_pool_batch(from_uint8(self.bank.sample(batch_size)).to(self.device), self.spec)
+        return self.kd_view(from_uint8(self.bank.sample(batch_size)).to(self.device), self.spec)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "bank": self.bank.state_dict()}

@@ -23,6 +23,8 @@ class ZSKT(GeneratorSynthesizer):
     transfer term."""
 
     Config = ZSKTConfig
+    paper = "Micaelli & Storkey, NeurIPS 2019"
+    optimizes = "adversarial KL (student vs teacher)"
     SEARCH_SPACE = {
         "lr_g": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
         "g_steps": {"type": "int", "low": 1, "high": 5},

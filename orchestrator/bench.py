@@ -4,37 +4,35 @@
                                                   # dafl,deepinv,cmi, wrn16_2->wrn16_1, cpu budget
     python -m orchestrator.bench --methods dafl,deepinv,cmi --datasets cifar10,cifar100,tiny --budget paper
     python -m orchestrator.bench --address auto --tracking-uri http://127.0.0.1:5000 --out /shared/runs
-    python -m orchestrator.bench --resume         # skip cells that already finished
+    python -m orchestrator.bench --resume         # reuse finished cells, continue half-done ones
     python -m orchestrator.bench --resume --dry-run   # list what would run and what would be reused
 
 Everything a user can get wrong is checked before Ray starts. Outputs in --out:
 results.csv (long: one row per cell and metric), table_<dataset>.md/.tex, accuracy_<dataset>.png,
-cells/<cell>/{history.json,config.json,grid.png,student.pt}, and the MLflow store (mlflow.db).
+cells/<cell>/{history.json,config.json,grid.png,student.pt,state.pt,store/}, and the MLflow
+store (mlflow.db).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import os
-import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 from tqdm import tqdm
 
 from benchmarks.datasets import get_dataset_spec, list_datasets, load_split
-from benchmarks.reference import BASELINE_ROWS, row_name
-from benchmarks.suites import suite
-from methods import get_method, list_methods, make_config
-from orchestrator.cell import BUDGETS, CellKey, check_cell
-from orchestrator.cli import ArgumentParser, UsageError, run_cli
-from orchestrator.distill import parse_sets
-from orchestrator.report import long_rows, plot_curves, write_tables
-from orchestrator.teachers import DEFAULT_DIR as DEFAULT_TEACHER_DIR
-from orchestrator.teachers import checkpoint_path
+from methods import BUDGETS, get_method, list_methods
+from orchestrator.cli import (ArgumentParser, UsageError, check_writable, method_overrides, parse_pairs, parse_sets,
+                              run_cli, split_list)
+from orchestrator.core.cell import CellKey, CellResult, CellSpec, check_cell
+from orchestrator.core.classifiers import DEFAULT_DIR as DEFAULT_TEACHER_DIR
+from orchestrator.core.classifiers import checkpoint_path
+from orchestrator.report import bench_tables
 from orchestrator.tracking import Tracker, cell_key, check_tracking_uri, flatten_params, resolve_tracking_uri
 
 MODES = ("paper", "shared")
@@ -60,7 +58,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite under --out)")
     p.add_argument("--experiment", default="dfkd-bench", help="MLflow experiment name")
     p.add_argument("--out", default="runs/bench", help="results folder (shared path on a cluster)")
-    p.add_argument("--resume", action="store_true", help="skip cells that already have a finished run")
+    p.add_argument("--resume", action="store_true", help="reuse finished cells and continue half-done ones")
     p.add_argument("--dry-run", action="store_true", help="print the cells that would run (and, with --resume, "
                    "those reused) and stop")
     p.add_argument("--baselines", action="store_true", help="add the T. Scratch and S. Scratch rows")
@@ -71,116 +69,32 @@ def build_parser() -> ArgumentParser:
     return p
 
 
-# ----------------------------------------------------------------------- validation
-def split_list(text: str, what: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise UsageError(f"--{what} is empty")
-    return list(dict.fromkeys(items))
+# ----------------------------------------------------------------------- the plan
+@dataclass
+class Plan:
+    """The checked bench: every cell's spec, built once, and where results go."""
+
+    specs: list[CellSpec]
+    datasets: list[str]
+    pairs: dict[str, list[tuple[str, str]]]
+    out: Path
+    uri: str
+    data_dirs: dict[str, str]
+    teacher_dir: Path
+
+    def needed_classifiers(self, specs: list[CellSpec], baselines: bool) -> list[tuple[str, str]]:
+        needed = [(s.key.dataset, s.key.teacher) for s in specs]
+        if baselines:
+            needed += [(d, a) for d in self.datasets for pair in self.pairs[d] for a in pair]
+        return list(dict.fromkeys(needed))
 
 
-def parse_pairs(text: str | None, dataset: str) -> list[tuple[str, str]]:
-    if not text:
-        return suite(dataset)
-    pairs = []
-    for item in split_list(text, "pairs"):
-        if item.count(":") != 1 or not all(item.split(":")):
-            raise UsageError(f"--pairs {item!r}: expected teacher:student, e.g. wrn40_2:wrn16_1")
-        pairs.append(tuple(item.split(":")))
-    return pairs
-
-
-def method_overrides(methods: list[str], sets: dict[str, str], presets: list[str] | None) -> dict[str, dict]:
-    """Per-method overrides from presets and --set (METHOD.KEY beats KEY beats preset)."""
-    per_method: dict[str, dict] = {m: {} for m in methods}
-    for path in presets or []:
-        try:
-            preset = json.loads(Path(path).read_text())
-            method, config = preset["method"], dict(preset["config"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"--preset {path}: not a preset file written by orchestrator.tune ({exc})") from None
-        get_method(method)
-        if method not in per_method:
-            raise UsageError(f"--preset {path} is for method {method!r}, which is not in --methods")
-        per_method[method].update(config)
-    used = set()
-    for key, value in sets.items():
-        target, _, field = key.rpartition(".")
-        targets = [target] if target else methods
-        if target and target not in per_method:
-            raise UsageError(f"--set {key}: method {target!r} is not in --methods ({', '.join(methods)})")
-        for m in targets:
-            if field in {f.name for f in dataclasses.fields(get_method(m).Config)}:
-                per_method[m][field] = value
-                used.add(key)
-        if key not in used:
-            raise UsageError(f"--set {key}: no method in --methods has a field {field!r}")
-    return per_method
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"--out {out}: not writable ({exc.strerror or exc})") from None
-
-
-def check_address(address: str | None) -> None:
-    if not address:
-        return
-    given = address
-    if address == "auto":
-        # The cluster ray.init("auto") would join (RAY_ADDRESS, else the last `ray start` on
-        # this machine): checked here, since ray.init retries a dead one for minutes.
-        from ray._private.services import get_ray_address_from_environment
-        try:
-            address = get_ray_address_from_environment("auto", None)
-        except ConnectionError:
-            raise UsageError("--address auto: no Ray cluster runs on this machine; start one with "
-                             "`ray start --head --node-ip-address 127.0.0.1` or drop --address") from None
-    host, _, port = address.rpartition(":")
-    if address.startswith("ray://") or not port.isdigit():
-        host, port = address.replace("ray://", "").rsplit(":", 1) if ":" in address else (address, "6379")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
-            pass
-    except (OSError, ValueError) as exc:
-        where = address if given == address else f"{given} ({address})"
-        raise UsageError(f"--address {where}: no Ray cluster answers there ({exc}); "
-                         f"start one with `ray start --head --node-ip-address 127.0.0.1` or drop --address") from None
-
-
-def config_hash(method: str, budget: str, overrides: dict) -> str:
-    """Identifies a cell's effective config: --resume reuses a finished cell only if it
-    ran with the same one (the cell key alone does not say which --set was used)."""
-    import hashlib
-
-    config = dataclasses.asdict(make_config(method, budget, overrides))
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def same_config(done: dict, method: str, budget: str, overrides: dict) -> bool:
-    """Whether a finished run ran with the cell's effective config. Runs carry the config
-    hash as a tag; runs logged before that tag existed are compared by their logged params
-    (the full config, flattened the same way), so they too are reused when they match."""
-    wanted = config_hash(method, budget, overrides)
-    if "cell.config_hash" in done["tags"]:
-        return done["tags"]["cell.config_hash"] == wanted
-    config = flatten_params(dataclasses.asdict(make_config(method, budget, overrides)))
-    return bool(config) and all(done["params"].get(k) == v for k, v in config.items())
-
-
-def plan(args) -> dict:
+def make_plan(args) -> Plan:
     """Turns arguments into a checked plan; raises UsageError before anything starts."""
-    methods = split_list(args.methods, "methods")
-    for m in methods:
-        get_method(m)
-    datasets = split_list(args.datasets, "datasets")
-    for d in datasets:
-        get_dataset_spec(d)
+    if args.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device {args.device}: use auto, cpu or cuda (actors get whole or fractional GPUs)")
+    methods = [get_method(m).name for m in split_list(args.methods, "methods")]
+    datasets = [get_dataset_spec(d).name for d in split_list(args.datasets, "datasets")]
     if args.budget not in BUDGETS:
         raise UsageError(f"unknown budget '{args.budget}'; use one of {', '.join(BUDGETS)}")
     if args.mode not in MODES:
@@ -189,275 +103,186 @@ def plan(args) -> dict:
         seeds = [int(s) for s in split_list(args.seeds, "seeds")]
     except ValueError:
         raise UsageError(f"--seeds {args.seeds!r}: expected integers like 0,1,2") from None
+    if min(seeds) < 0:
+        raise UsageError(f"--seeds {args.seeds!r}: seeds must be >= 0")
     if args.publish_every < 1:
         raise UsageError("--publish-every must be >= 1")
-    overrides = method_overrides(methods, parse_sets(args.set), args.preset)
-    pairs = {d: parse_pairs(args.pairs, d) for d in datasets}
-    for d in datasets:
-        for teacher, student in pairs[d]:
-            for m in methods:
-                check_cell(CellKey(d, teacher, student, m, seeds[0], args.budget, args.mode), overrides[m])
     if args.gpus_per_cell is not None and args.gpus_per_cell < 0:
         raise UsageError("--gpus-per-cell must be >= 0")
-    # Data must be there (or downloadable) before Ray starts; actors get absolute folders.
-    data_dirs = {}
+    overrides = method_overrides(methods, parse_sets(args.set), args.preset)
+    pairs = {d: parse_pairs(args.pairs, d) for d in datasets}
+    teacher_dir = Path(args.teacher_dir).resolve()
+    data_dirs = {}  # data must be there (or downloadable) before Ray starts; actors get absolute folders
     for d in datasets:
         data_dirs[d] = str(load_split(d, "test", args.data_root, args.download).source.resolve())
         archs = {a for pair in pairs[d] for a in (pair if args.baselines else pair[:1])}
-        if any(not checkpoint_path(Path(args.teacher_dir), d, a).exists() for a in archs):
+        if any(not checkpoint_path(teacher_dir, d, a).exists() for a in archs):
             load_split(d, "train", data_dirs[d])  # a classifier will train on it: fail now, not in Ray
+    specs = [CellSpec.build(CellKey(d, t, s, m, seed, args.budget, args.mode), overrides[m],
+                            checkpoint_path(teacher_dir, d, t), data_dirs[d])
+             for d in datasets for m in methods for seed in seeds for t, s in pairs[d]]
     out = Path(args.out).resolve()
     check_writable(out)
     uri = resolve_tracking_uri(args.tracking_uri, out)
     check_tracking_uri(uri)
+    from orchestrator.runtime.cluster import check_address
     check_address(args.address)
-    return {"methods": methods, "datasets": datasets, "seeds": seeds, "pairs": pairs, "overrides": overrides,
-            "out": out, "uri": uri, "data_dirs": data_dirs}
+    return Plan(specs, datasets, pairs, out, uri, data_dirs, teacher_dir)
 
 
-# ------------------------------------------------------------------------------ run
-def start_ray(address: str | None):
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            # "local": always a Ray of our own; a bare ray.init() would join (and fail on
-            # num_cpus with) any cluster another user started on this machine with `ray start`.
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    except Exception as exc:  # ConnectionError, a timed-out raylet, ...: one message, no traceback
-        raise UsageError(f"cannot start or join Ray at {address or 'local'}: "
-                         f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
-    return ray
+def config_hash(config) -> str:
+    """Identifies a cell's effective config: --resume reuses a finished cell only if it
+    ran with the same one (the cell key alone does not say which --set was used)."""
+    return hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached_classifiers(needed: list[tuple[str, str]], teacher_dir: str, log) -> dict:
-    """Accuracy (and training time) of each needed classifier whose checkpoint exists,
-    loaded and checked against its dataset here in the driver: no Ray worker has to start
-    (and import torch) just to read a cached teacher. The cache is a path every node sees."""
-    from orchestrator.checkpoints import load_classifier
-
-    metas = {}
-    for dataset, arch in needed:
-        path = checkpoint_path(Path(teacher_dir).resolve(), dataset, arch)
-        if path.exists():
-            spec = get_dataset_spec(dataset)
-            _, meta = load_classifier(path, dataset=dataset, num_classes=spec.num_classes, channels=spec.channels)
-            metas[(dataset, arch)] = {k: meta[k] for k in ("accuracy", "train_seconds") if k in meta}
-            log(f"{arch} on {dataset}: {meta['accuracy']:.2f}% test accuracy ({path})")
-    return metas
+def same_config(done: dict, config) -> bool:
+    """Whether a finished run ran with the cell's effective config. Runs carry the config
+    hash as a tag; runs logged before that tag existed are compared by their logged params
+    (the full config, flattened the same way), so they too are reused when they match."""
+    if "cell.config_hash" in done["tags"]:
+        return done["tags"]["cell.config_hash"] == config_hash(config)
+    params = flatten_params(dataclasses.asdict(config))
+    return bool(params) and all(done["params"].get(k) == v for k, v in params.items())
 
 
-def train_classifiers(ray, missing: list[tuple[str, str]], args, data_dirs: dict, device: str, log) -> dict:
-    """Trains missing teachers (and scratch students) in Ray tasks, one at a time, before
-    any cell starts, so no two cells race to train the same teacher."""
-    from orchestrator.teachers import get_classifier
+def split_streams(plan: Plan, mode: str, finished: dict):
+    """Streams still to run and the specs of cells reused from `finished` (same config).
+    Paper mode: one stream per cell; shared mode: one per (dataset, teacher, method, seed)."""
+    from orchestrator.runtime.driver import Stream
 
-    teacher_dir = Path(args.teacher_dir).resolve()
-
-    @ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0)
-    def train(dataset, arch, data_root, threads):
-        import torch
-        torch.set_num_threads(threads)
-        _, meta = get_classifier(dataset, arch, out=teacher_dir, device=device, data_root=data_root,
-                                 progress=False, log=lambda *_: None)
-        return {k: meta[k] for k in ("accuracy", "train_seconds") if k in meta}
-
-    metas = {}
-    for dataset, arch in missing:
-        path = checkpoint_path(teacher_dir, dataset, arch)
-        log(f"training {arch} on {dataset} (missing from {teacher_dir}) ...")
-        try:
-            metas[(dataset, arch)] = ray.get(train.remote(dataset, arch, data_dirs[dataset], os.cpu_count() or 1))
-        except ray.exceptions.RayTaskError as exc:  # bad data, a crash: the cause, in one line
-            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            raise UsageError(f"preparing {arch} on {dataset} failed: "
-                             f"{(str(cause).strip().splitlines() or [type(cause).__name__])[0]}") from None
-        log(f"{arch} on {dataset}: {metas[(dataset, arch)]['accuracy']:.2f}% test accuracy ({path})")
-    return metas
+    groups: dict[tuple, list[CellSpec]] = {}
+    reused = []
+    for spec in plan.specs:
+        done = finished.get(cell_key(dataclasses.asdict(spec.key)))
+        if done and same_config(done, spec.config):
+            reused.append(spec)
+            continue
+        k = spec.key
+        group = (k.dataset, k.teacher, k.method, k.seed) if mode == "shared" else k
+        groups.setdefault(group, []).append(spec)
+    return [Stream(specs) for specs in groups.values()], reused
 
 
-def plan_resources(ray, args, p: dict) -> tuple:
-    """(Resources per actor, cells at a time, device) on the cluster Ray reports; raises
-    UsageError (after stopping Ray) when a cell cannot fit."""
-    from orchestrator.runner import Resources
+# ------------------------------------------------------------------------ recording
+class BenchRecorder:
+    """One MLflow parent run per bench and a child per cell (a continued cell's child gets
+    its restored epochs too); every MLflow write under one lock (SQLite: one writer)."""
 
-    # Devices are the cluster's, not the driver's: a CPU-only head may drive GPU workers.
-    cluster = ray.cluster_resources()
-    cluster_gpus = cluster.get("GPU", 0)
-    if args.device == "cpu":
-        gpus = 0.0
-    else:
-        gpus = args.gpus_per_cell if args.gpus_per_cell is not None else (1.0 if cluster_gpus else 0.0)
-    if args.device == "cuda" and not gpus:
-        gpus = 1.0
-    device = "cuda" if gpus > 0 else "cpu"
-    n_max = max(((sum(1 for t, _ in p["pairs"][d] if t == teacher) if args.mode == "shared" else 1)
-                 for d in p["datasets"] for teacher, _ in p["pairs"][d]), default=1)
-    cpus = int(cluster.get("CPU", 1))
-    largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=cpus)
-    per_actor = args.cpus_per_actor or min(1.0, largest_node / (1 + n_max))
-    problems = []
-    if per_actor * (1 + n_max) > largest_node:
-        problems.append(f"a cell needs {per_actor * (1 + n_max):g} CPUs on one node "
-                        f"(--cpus-per-actor {per_actor:g} x {1 + n_max} actors), the largest node has {largest_node:g}")
-    if gpus > cluster_gpus:
-        problems.append(f"--gpus-per-cell {gpus:g} but the cluster has {cluster_gpus:g} GPUs")
-    if problems:
-        ray.shutdown()
-        raise UsageError("; ".join(problems))
-    resources = Resources(per_actor, gpus, node_cpus=int(largest_node))
-    concurrent = max(1, int(cpus // (per_actor * (1 + n_max))))
-    if gpus:
-        concurrent = min(concurrent, max(1, int(cluster_gpus // gpus)))
-    return resources, concurrent, device
+    def __init__(self, tracker: Tracker, argv: str, args, log):
+        self.tracker, self.log, self.lock, self.run_ids = tracker, log, threading.Lock(), {}
+        self.parent = tracker.start_parent(f"bench-{time.strftime('%Y%m%d-%H%M%S')}", tags={"kind": "bench"}, params={
+            "methods": args.methods, "datasets": args.datasets, "seeds": args.seeds, "budget": args.budget,
+            "mode": args.mode, "argv": argv or "(defaults)"})
+        self.bar = None
+
+    def cell_started(self, spec: CellSpec, history) -> str:
+        with self.lock:
+            tags = {**spec.key.tags(), "cell.config_hash": config_hash(spec.config)}
+            run_id = self.run_ids[spec.key] = self.tracker.start_child(self.parent, spec.key.slug, tags=tags,
+                                                                       params=spec.config_dict())
+            for epoch in range(history.epochs_done):
+                self.tracker.log_metrics(run_id, history.epoch_metrics(epoch), step=epoch + 1)
+        return run_id
+
+    def epoch(self, key: CellKey, epoch: int, metrics: dict) -> None:
+        with self.lock:
+            self.tracker.log_metrics(self.run_ids[key], metrics, step=epoch)
+        self.log(f"[{key.method} {key.teacher}->{key.student} s{key.seed}] epoch {epoch}: "
+                 f"acc {metrics['accuracy']:.2f}%  synthesis {metrics['synthesis_seconds']:.0f}s  "
+                 f"KD {metrics['kd_seconds']:.0f}s")
+
+    def cell_done(self, result: CellResult) -> None:
+        summary, status = result.summary(), result.history.status
+        with self.lock:
+            if result.run_id:
+                numeric = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+                self.tracker.log_metrics(result.run_id, {f"final/{k}": v for k, v in numeric.items()},
+                                         step=summary["epochs"])
+                for name in ("history.json", "config.json", "grid.png", "student.pt"):
+                    if (result.cell_dir / name).exists():
+                        self.tracker.log_artifact(result.run_id, result.cell_dir / name)
+                self.tracker.finish(result.run_id, "FINISHED" if status == "finished" else "FAILED",
+                                    tags={"status": status})
+        if self.bar is not None:
+            self.bar.update(1)
+        self.log(f"[{result.key.slug}] {status}: {summary['accuracy']:.2f}% in {result.wall_seconds:.0f}s")
 
 
-def split_cells(args, p: dict, finished: dict) -> tuple[list, list[CellKey]]:
-    """Streams still to run and cells reused from `finished` (under the same config).
-    Streams: paper mode, one per cell; shared mode, one per (dataset, teacher, method, seed)."""
-    from orchestrator.runner import Stream
+def prepare_ray(plan: Plan, streams: list, args, log):
+    """Starts or joins Ray when there is work for it, trains missing classifiers (before any
+    MLflow run opens: a teacher that cannot be trained leaves no run behind); returns
+    (ray or None, classifier metadata, (resources, streams at a time, device))."""
+    from orchestrator.runtime.cluster import cached_classifiers, plan_resources, start_ray, train_classifiers
 
-    streams, reused = [], []
-    for d in p["datasets"]:
-        for m in p["methods"]:
-            for seed in p["seeds"]:
-                by_teacher: dict[str, list[str]] = {}
-                for teacher, student in p["pairs"][d]:
-                    key = CellKey(d, teacher, student, m, seed, args.budget, args.mode)
-                    done = finished.get(cell_key(dataclasses.asdict(key)))
-                    if done and same_config(done, m, args.budget, p["overrides"][m]):
-                        reused.append(key)
-                        continue
-                    by_teacher.setdefault(teacher, []).append(student)
-                for teacher, students in by_teacher.items():
-                    groups = [students] if args.mode == "shared" else [[s] for s in students]
-                    streams += [Stream(d, teacher, m, seed, args.budget, args.mode, g, p["overrides"][m])
-                                for g in groups]
-    return streams, reused
+    needed = plan.needed_classifiers([s for st in streams for s in st.specs], args.baselines)
+    metas = cached_classifiers(needed, plan.teacher_dir, log)
+    missing = [n for n in needed if n not in metas]
+    # Nothing to run and every classifier cached (a --resume of a finished bench): the
+    # tables come from MLflow and the checkpoints alone, so no Ray starts.
+    if not (streams or missing):
+        return None, metas, None
+    ray = start_ray(args.address)
+    n_max = max((sum(1 for t, _ in plan.pairs[d] if t == teacher) if args.mode == "shared" else 1)
+                for d in plan.datasets for teacher, _ in plan.pairs[d])
+    sizing = plan_resources(ray, args.device, args.gpus_per_cell, args.cpus_per_actor, n_max)
+    if missing:
+        metas.update(train_classifiers(ray, missing, plan.teacher_dir, plan.data_dirs, sizing[2], log))
+    return ray, metas, sizing
+
+
+def run_cells(plan: Plan, streams: list, args, recorder: BenchRecorder, metas: dict, sizing) -> list[CellResult]:
+    from orchestrator.runtime.driver import StreamRunner, run_streams
+
+    resources, concurrent, device = sizing
+    recorder.bar = tqdm(total=sum(len(s.specs) for s in streams), desc="cells", unit="cell", dynamic_ncols=True)
+
+    def done(result: CellResult) -> None:
+        result.teacher_accuracy = metas[(result.key.dataset, result.key.teacher)]["accuracy"]
+        recorder.cell_done(result)
+
+    runners = [StreamRunner(s, plan.out, resources, device, publish_every=args.publish_every, resume=args.resume,
+                            on_cell_start=recorder.cell_started, on_epoch=recorder.epoch, log=recorder.log)
+               for s in streams]
+    results = run_streams(runners, concurrent, on_done=done, log=recorder.log)
+    recorder.bar.close()
+    return results
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"--device {args.device}: use auto, cpu or cuda (actors get whole or fractional GPUs)")
-    p = plan(args)
-    out: Path = p["out"]
-    log = tqdm.write
-    tracker = Tracker(p["uri"], args.experiment, artifact_root=out / "mlartifacts") if args.resume else None
+    plan, log = make_plan(args), tqdm.write
+    tracker = Tracker(plan.uri, args.experiment, artifact_root=plan.out / "mlartifacts") if args.resume else None
     finished = tracker.finished_cells() if tracker else {}
-    streams, reused = split_cells(args, p, finished)
-    needed = [(s.dataset, s.teacher) for s in streams]
-    if args.baselines:
-        needed += [(d, a) for d in p["datasets"] for pair in p["pairs"][d] for a in pair]
-    needed = list(dict.fromkeys(needed))
-    n_cells = sum(len(s.students) for s in streams)
+    streams, reused = split_streams(plan, args.mode, finished)
+    n_cells = sum(len(s.specs) for s in streams)
+    print(f"{n_cells} cells to run ({len(reused)} finished earlier), {len(streams)} streams", flush=True)
     if args.dry_run:
-        print(f"{n_cells} cells to run ({len(reused)} finished earlier)")
-        print("\n".join([f"  run    {k.slug}" for s in streams for k in s.cells()] +
-                        [f"  reuse  {k.slug}" for k in reused]))
+        print("\n".join([f"  run    {s.key.slug}" for st in streams for s in st.specs] +
+                        [f"  reuse  {s.key.slug}" for s in reused]))
         return 0
-    metas = cached_classifiers(needed, args.teacher_dir, log)
-    missing = [n for n in needed if n not in metas]
-    # Nothing to run and every classifier cached (a --resume of a finished bench): the
-    # tables come from MLflow and the checkpoints alone, so no Ray starts.
-    ray = start_ray(args.address) if streams or missing else None
-    resources, concurrent, device = plan_resources(ray, args, p) if ray else (None, 1, "cpu")
-    tracker = tracker or Tracker(p["uri"], args.experiment, artifact_root=out / "mlartifacts")
-    if missing:  # before the parent run opens: a teacher that cannot be trained leaves no run behind
-        metas.update(train_classifiers(ray, missing, args, p["data_dirs"], device, log))
-    from orchestrator.runner import StreamRunner, run_streams
-
-    lock = threading.Lock()
-    parent = tracker.start_parent(f"bench-{time.strftime('%Y%m%d-%H%M%S')}",
-                                  params={"methods": ",".join(p["methods"]), "datasets": ",".join(p["datasets"]),
-                                          "seeds": args.seeds, "budget": args.budget, "mode": args.mode,
-                                          "argv": " ".join(sys.argv[1:]) or "(defaults)"},
-                                  tags={"kind": "bench"})
-    log(f"{n_cells} cells to run ({len(reused)} finished earlier), {len(streams)} streams, "
-        f"{concurrent} at a time; MLflow: {p['uri']}")
-    bar = tqdm(total=n_cells, desc="cells", unit="cell", dynamic_ncols=True)
-
-    run_ids: dict = {}
-
-    def on_cell_start(key, config):
-        with lock:
-            tags = {**key.tags(), "cell.config_hash": config_hash(key.method, key.budget, p["overrides"][key.method])}
-            run_ids[key] = tracker.start_child(parent, key.slug, tags=tags, params=config)
-        return run_ids[key]
-
-    def on_epoch(key, epoch, metrics):
-        with lock:
-            tracker.log_metrics(run_ids[key], metrics, step=epoch)
-        log(f"[{key.method} {key.teacher}->{key.student} s{key.seed}] epoch {epoch}: "
-            f"acc {metrics['accuracy']:.2f}%  synthesis {metrics['synthesis_seconds']:.0f}s  "
-            f"KD {metrics['kd_seconds']:.0f}s")
-
-    def on_done(outcome):
-        summary = {**outcome.history.summary(), "wall_seconds": outcome.wall_seconds,
-                   "teacher_accuracy": metas[(outcome.key.dataset, outcome.key.teacher)]["accuracy"]}
-        status = outcome.history.status
-        with lock:
-            numeric = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
-            tracker.log_metrics(outcome.run_id, {f"final/{k}": v for k, v in numeric.items()}, step=summary["epochs"])
-            for name in ("history.json", "config.json", "grid.png", "student.pt"):
-                if (outcome.cell_dir / name).exists():
-                    tracker.log_artifact(outcome.run_id, outcome.cell_dir / name)
-            tracker.finish(outcome.run_id, "FINISHED" if status == "finished" else "FAILED",
-                           tags={"status": status})
-        bar.update(1)
-        log(f"[{outcome.key.slug}] {status}: {summary['accuracy']:.2f}% in {outcome.wall_seconds:.0f}s")
-
-    runners = [StreamRunner(s, str(checkpoint_path(Path(args.teacher_dir).resolve(), s.dataset, s.teacher)), out,
-                            resources, device, args.publish_every, "test", p["data_dirs"][s.dataset],
-                            on_cell_start=on_cell_start, on_epoch=on_epoch, log=log) for s in streams]
+    ray, metas, sizing = prepare_ray(plan, streams, args, log)
+    tracker = tracker or Tracker(plan.uri, args.experiment, artifact_root=plan.out / "mlartifacts")
+    recorder = BenchRecorder(tracker, " ".join(sys.argv[1:]), args, log)
+    log(f"MLflow: {plan.uri}" + (f"; {sizing[1]} streams at a time" if sizing else ""))
     started = time.perf_counter()
-    outcomes = run_streams(runners, concurrent, on_done=on_done, log=log)
-    bar.close()
-
-    # --------------------------------------------------------------------- tables
-    rows = []
-    for o in outcomes:
-        rows += long_rows(o.key, o.history.status, {
-            **o.history.summary(), "wall_seconds": o.wall_seconds,
-            "teacher_accuracy": metas[(o.key.dataset, o.key.teacher)]["accuracy"]})
-    for key in reused:
-        info = finished[cell_key(dataclasses.asdict(key))]
-        metrics = {k.removeprefix("final/"): v for k, v in info["metrics"].items() if k.startswith("final/")}
-        rows += long_rows(key, "finished", metrics)
-    if args.baselines:
-        for d in p["datasets"]:
-            for teacher, student in p["pairs"][d]:
-                for row, arch in zip(BASELINE_ROWS, (teacher, student)):
-                    key = CellKey(d, teacher, student, row, 0, args.budget, args.mode)
-                    rows += long_rows(key, "finished", {"accuracy": metas[(d, arch)]["accuracy"]}, row=row)
-    long = pd.DataFrame(rows, columns=[c for c in rows[0]] if rows else None)
-    order = ([*BASELINE_ROWS] if args.baselines else []) + [row_name(m) for m in list_methods()]
-    paths = write_tables(long, out, order) if rows else {}
-    for d in p["datasets"]:
-        curves = {f"{o.key.method} {o.key.teacher}->{o.key.student} s{o.key.seed}": o.history.accuracy
-                  for o in outcomes if o.key.dataset == d and o.history.accuracy}
-        if curves:
-            paths[f"png_{d}"] = plot_curves(curves, out / f"accuracy_{d}.png", f"{d}: accuracy per epoch")
-    with lock:
+    try:
+        results = run_cells(plan, streams, args, recorder, metas, sizing) if streams else []
+        paths = bench_tables(plan, results, reused, finished, metas, args.baselines)
         for path in paths.values():
-            tracker.log_artifact(parent, path, "tables")
-        if rows:
-            tracker.log_table(parent, long, "results.json")
-        tracker.finish(parent, "FINISHED")
-    if ray:
-        ray.shutdown()
-
-    print()
-    for d in p["datasets"]:
-        if f"md_{d}" in paths:
-            print(paths[f"md_{d}"].read_text())
-    failed = [o for o in outcomes if o.history.status != "finished"]
-    print(f"{len(outcomes)} cells run in {time.perf_counter() - started:.0f}s, {len(failed)} failed, "
-          f"{len(reused)} reused; results in {out}")
-    print(f"browse the runs: {tracker.ui_command()}")
+            tracker.log_artifact(recorder.parent, path, "tables")
+        tracker.finish(recorder.parent, "FINISHED")
+    except BaseException:  # Ctrl-C, a lost tracking server: the parent run never stays RUNNING
+        tracker.finish(recorder.parent, "KILLED")
+        raise
+    finally:
+        if ray:
+            ray.shutdown()
+    for d in plan.datasets:
+        print("\n" + paths[f"md_{d}"].read_text() if f"md_{d}" in paths else "")
+    failed = [r for r in results if r.history.status != "finished"]
+    print(f"{len(results)} cells run in {time.perf_counter() - started:.0f}s, {len(failed)} failed, "
+          f"{len(reused)} reused; results in {plan.out}\nbrowse the runs: {tracker.ui_command()}")
     return 1 if failed else 0
 
 

@@ -1,36 +1,28 @@
-"""What every entry point shares: user errors become one message and exit code 2."""
+"""What every entry point shares: argument plumbing, input checks, and user errors turned
+into one message and exit code 2. No entry point imports another; they all import this."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn
 
+from orchestrator.core.errors import UsageError
 
-class UsageError(Exception):
-    """A user mistake: unknown name, bad value, missing data, unreadable checkpoint."""
+__all__ = ["ArgumentParser", "UsageError", "add_data_args", "check_writable", "method_overrides",
+           "parse_device", "parse_pairs", "parse_sets", "resolve_teacher", "run_cli", "split_list"]
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     # The packages below raise ValueError subclasses for user-facing problems; importing
     # them here keeps one list of what counts as "the user's input was wrong".
     from benchmarks.datasets import DatasetError
-    types: list[type[BaseException]] = [UsageError, DatasetError]
-    try:
-        from models import UnknownModelError
-        types.append(UnknownModelError)
-    except ImportError:
-        pass
-    try:
-        from orchestrator.tracking import TrackingError
-        types.append(TrackingError)
-    except ImportError:
-        pass
-    try:
-        from methods import ConfigError, UnknownMethodError
-        types.extend([ConfigError, UnknownMethodError])
-    except ImportError:
-        pass
-    return tuple(types)
+    from methods import ConfigError, UnknownMethodError
+    from models import UnknownModelError
+    from orchestrator.tracking import TrackingError
+    return UsageError, DatasetError, UnknownModelError, TrackingError, ConfigError, UnknownMethodError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -55,6 +47,16 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     sys.exit(code or 0)
 
 
+# ------------------------------------------------------------------------ arguments
+def add_data_args(parser: ArgumentParser) -> None:
+    from orchestrator.core.classifiers import DEFAULT_DIR
+
+    parser.add_argument("--data-root", help="folder holding the dataset (see README, Data)")
+    parser.add_argument("--download", action="store_true", help="download the dataset if it is not found")
+    parser.add_argument("--teacher-dir", default=str(DEFAULT_DIR),
+                        help="where teachers are cached (trained there when missing)")
+
+
 def parse_device(name: str) -> str:
     """'auto' picks CUDA when present, CPU otherwise."""
     import torch
@@ -66,3 +68,94 @@ def parse_device(name: str) -> str:
     if name != "cpu" and not name.startswith("cuda"):
         raise UsageError(f"--device {name}: use auto, cpu, cuda or cuda:N")
     return name
+
+
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    """`--set a=1 --set b=2` or `--set a=1,b=2` -> {"a": "1", "b": "2"}."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        for part in item.split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise UsageError(f"--set {part!r}: expected key=value")
+            key, value = part.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out
+
+
+def split_list(text: str, what: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise UsageError(f"--{what} is empty")
+    return list(dict.fromkeys(items))
+
+
+def parse_pairs(text: str | None, dataset: str) -> list[tuple[str, str]]:
+    from benchmarks.suites import suite
+
+    if not text:
+        return suite(dataset)
+    pairs = []
+    for item in split_list(text, "pairs"):
+        if item.count(":") != 1 or not all(item.split(":")):
+            raise UsageError(f"--pairs {item!r}: expected teacher:student, e.g. wrn40_2:wrn16_1")
+        pairs.append(tuple(item.split(":")))
+    return pairs
+
+
+def method_overrides(methods: list[str], sets: dict[str, str], presets: list[str] | None) -> dict[str, dict]:
+    """Per-method overrides from presets and --set (METHOD.KEY beats KEY beats preset)."""
+    from methods import get_method
+
+    per_method: dict[str, dict] = {m: {} for m in methods}
+    for path in presets or []:
+        try:
+            preset = json.loads(Path(path).read_text())
+            method, config = preset["method"], dict(preset["config"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"--preset {path}: not a preset file written by orchestrator.tune ({exc})") from None
+        get_method(method)
+        if method not in per_method:
+            raise UsageError(f"--preset {path} is for method {method!r}, which is not in --methods")
+        per_method[method].update(config)
+    used = set()
+    for key, value in sets.items():
+        target, _, field = key.rpartition(".")
+        targets = [target] if target else methods
+        if target and target not in per_method:
+            raise UsageError(f"--set {key}: method {target!r} is not in --methods ({', '.join(methods)})")
+        for m in targets:
+            if field in {f.name for f in dataclasses.fields(get_method(m).Config)}:
+                per_method[m][field] = value
+                used.add(key)
+        if key not in used:
+            raise UsageError(f"--set {key}: no method in --methods has a field {field!r}")
+    return per_method
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out {out}: not writable ({exc.strerror or exc})") from None
+
+
+def resolve_teacher(dataset: str, arch: str, teacher_dir: str | Path, teacher_ckpt: str | Path | None = None,
+                    **train_options) -> Path:
+    """The teacher checkpoint a cell reads: `--teacher-ckpt` (checked against `--teacher`),
+    or the cached one, trained first when missing (`train_options` go to the trainer)."""
+    from orchestrator.core.cell import load_teacher
+    from orchestrator.core.classifiers import checkpoint_path, get_classifier
+
+    if teacher_ckpt:
+        _, meta = load_teacher(str(Path(teacher_ckpt).resolve()), dataset)
+        if meta.get("arch") != arch:
+            raise UsageError(f"--teacher-ckpt {teacher_ckpt} holds a {meta.get('arch')}, not a "
+                             f"{arch}: pass --teacher {meta.get('arch')}")
+        return Path(teacher_ckpt).resolve()
+    get_classifier(dataset, arch, out=teacher_dir, **train_options)
+    return checkpoint_path(Path(teacher_dir), dataset, arch).resolve()

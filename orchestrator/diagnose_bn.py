@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from benchmarks.datasets import get_dataset_spec, load_split
-from orchestrator.checkpoints import load_classifier
+from orchestrator.core.checkpoints import load_classifier
 from orchestrator.cli import ArgumentParser, run_cli
-from orchestrator.training import normalize
+from orchestrator.core.training import normalize
 
 
 @torch.no_grad()

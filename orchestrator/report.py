@@ -118,3 +118,46 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], path: Path, title: st
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def bench_tables(plan, results: list, reused: list, finished: dict, metas: dict, baselines: bool) -> dict[str, Path]:
+    """The bench's outputs from the cells it ran and the ones it reused: results.csv, the
+    tables and, per dataset, the accuracy-per-epoch plot (reused cells read from their
+    history.json). Returns the paths written."""
+    import dataclasses
+    import json
+
+    from benchmarks.reference import BASELINE_ROWS
+    from methods import list_methods
+    from orchestrator.tracking import cell_key
+
+    rows, curves = [], {}
+    for r in results:
+        rows += long_rows(r.key, r.history.status, r.summary())
+        curves[r.key] = r.history.accuracy
+    for spec in reused:
+        info = finished[cell_key(dataclasses.asdict(spec.key))]
+        rows += long_rows(spec.key, "finished", {k.removeprefix("final/"): v for k, v in info["metrics"].items()
+                                                 if k.startswith("final/")})
+        history = plan.out / "cells" / spec.key.slug / "history.json"
+        if history.exists():
+            curves[spec.key] = json.loads(history.read_text())["accuracy"]
+    if baselines:
+        budget_mode = plan.specs[0].key
+        for d in plan.datasets:
+            for teacher, student in plan.pairs[d]:
+                for row, arch in zip(BASELINE_ROWS, (teacher, student)):
+                    key = dataclasses.replace(budget_mode, dataset=d, teacher=teacher, student=student, method=row,
+                                              seed=0)
+                    rows += long_rows(key, "finished", {"accuracy": metas[(d, arch)]["accuracy"]}, row=row)
+    if not rows:
+        return {}
+    long = pd.DataFrame(rows, columns=list(rows[0]))
+    order = ([*BASELINE_ROWS] if baselines else []) + [row_name(m) for m in list_methods()]
+    paths = write_tables(long, plan.out, order)
+    for d in plan.datasets:
+        lines = {f"{k.method} {k.teacher}->{k.student} s{k.seed}": acc for k, acc in curves.items()
+                 if k.dataset == d and acc}
+        if lines:
+            paths[f"png_{d}"] = plot_curves(lines, plan.out / f"accuracy_{d}.png", f"{d}: accuracy per epoch")
+    return paths

@@ -13,69 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-import dataclasses
-import os
-from pathlib import Path
-
 import torch
 
-from benchmarks.datasets import get_dataset_spec, load_split
-from benchmarks.suites import TEACHER_RECIPES
+from benchmarks.datasets import get_dataset_spec
 from models import create_model, list_models
-from orchestrator.checkpoints import load_classifier, save_classifier
-from orchestrator.cli import ArgumentParser, UsageError, parse_device, run_cli
-from orchestrator.training import Recipe, train_classifier
-
-DEFAULT_DIR = Path(os.environ.get("DFKD_CHECKPOINTS", "checkpoints")) / "teachers"
-
-
-def checkpoint_path(out: str | Path, dataset: str, arch: str) -> Path:
-    return Path(out) / f"{dataset}-{arch}.pt"
-
-
-def default_recipe(dataset: str, **overrides) -> Recipe:
-    values = {**TEACHER_RECIPES[dataset], **{k: v for k, v in overrides.items() if v is not None}}
-    recipe = Recipe(**{**values, "sizes": tuple(values.get("sizes", ()))})
-    if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
-        raise UsageError(f"invalid recipe {recipe}: epochs and batch size must be >= 1 and lr > 0")
-    if not 0.0 <= recipe.warmup < 1.0:
-        raise UsageError(f"invalid --warmup {recipe.warmup}: a fraction of the steps in [0, 1)")
-    if any(size < 8 for size in recipe.sizes):
-        raise UsageError(f"invalid --sizes {list(recipe.sizes)}: every side must be at least 8 pixels")
-    return recipe
-
-
-def get_classifier(dataset: str, arch: str, *, out=DEFAULT_DIR, recipe: Recipe | None = None, device="cpu",
-                   data_root=None, download=False, force=False, seed=0, progress=True,
-                   log=print) -> tuple[torch.nn.Module, dict]:
-    """Returns (model in eval mode, meta): the cached checkpoint, or a freshly trained one."""
-    spec = get_dataset_spec(dataset)
-    if arch not in list_models():
-        create_model(arch, spec.num_classes)  # raises the error that lists known names
-    path = checkpoint_path(out, dataset, arch)
-    if path.exists() and not force:
-        model, meta = load_classifier(path, dataset=dataset, num_classes=spec.num_classes,
-                                      channels=spec.channels, device=device)
-        log(f"reusing {path} ({arch} on {dataset}: {meta['accuracy']:.2f}% test accuracy)")
-        return model, meta
-    recipe = recipe or default_recipe(dataset)
-    train = load_split(dataset, "train", data_root, download)
-    test = load_split(dataset, "test", data_root, download)
-    torch.manual_seed(seed)
-    model = create_model(arch, spec.num_classes, in_channels=spec.channels, image_size=spec.image_size)
-    log(f"training {arch} on {dataset} ({len(train)} images from {train.source}) with {recipe}")
-    history = train_classifier(model, train, test, recipe, device=device, seed=seed, progress=progress)
-    accuracy = history["test_acc"][-1]  # evaluated after the last epoch
-    meta = {
-        "dataset": dataset, "arch": arch, "accuracy": accuracy,
-        "num_classes": spec.num_classes, "channels": spec.channels, "image_size": spec.image_size,
-        "mean": list(spec.mean), "std": list(spec.std), "seed": seed,
-        "recipe": dataclasses.asdict(recipe), "train_seconds": history["seconds"][-1],
-        "history": history,
-    }
-    save_classifier(path, model, meta)
-    log(f"saved {path}")
-    return model.eval(), meta
+from orchestrator.cli import ArgumentParser, parse_device, run_cli
+from orchestrator.core.classifiers import DEFAULT_DIR, default_recipe, get_classifier
 
 
 def _sizes(text: str) -> tuple[int, ...]:

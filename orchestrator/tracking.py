@@ -9,7 +9,7 @@ active-run state, because one driver process drives many cells at once.
     tracker = Tracker(uri, "dfkd-bench", out_dir / "mlartifacts")
     parent = tracker.start_parent("bench", params={...}, tags={...})
     child = tracker.start_child(parent, "cifar10/cmi/wrn40_2-wrn16_1/s0",
-                                tags=cell_tags(cell), params=config)
+                                tags=cell.tags(), params=config)
     tracker.log_metrics(child, {"acc": 0.71, "loss/kd": 0.3}, step=epoch)
     tracker.finish(child, "FINISHED")
     print(tracker.ui_command())   # mlflow ui --backend-store-uri sqlite:////abs/mlflow.db ...
@@ -48,7 +48,6 @@ __all__ = [
     "Tracker",
     "TrackingError",
     "cell_key",
-    "cell_tags",
     "check_tracking_uri",
     "flatten_params",
     "resolve_tracking_uri",
@@ -224,11 +223,6 @@ def _tag_value(value: Any) -> str:
     return text[:MAX_TAG_VAL_LENGTH]
 
 
-def cell_tags(cell: Mapping[str, Any], prefix: str = "cell.") -> dict[str, str]:
-    """The MLflow tags of a cell key: {"cell.dataset": "cifar10", ..., "cell.seed": "0"}."""
-    return {f"{prefix}{f}": str(cell[f]) for f in CELL_FIELDS if cell.get(f) is not None}
-
-
 def cell_key(cell: Mapping[str, Any]) -> tuple[str | None, ...]:
     """The cell key in `finished_cells`' form: values as strings in CELL_FIELDS order,
     None for a missing field. Accepts a plain mapping (dataset=..., seed=0, ...)."""
@@ -376,10 +370,6 @@ class Tracker:
         with self._lock:
             self.client.log_table(run_id, dataframe, artifact_file)
 
-    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        with self._lock:
-            self.client.log_text(run_id, text, artifact_file)
-
     def finish(self, run_id: str, status: str = "FINISHED",
                tags: Mapping[str, Any] | None = None) -> None:
         """End a run as FINISHED, FAILED or KILLED, after setting `tags` (e.g. the reason)."""
@@ -431,9 +421,3 @@ class Tracker:
         """The UI route of this experiment's runs table. MLflow 3's UI opens experiments on
         its GenAI trace overview unless told `workflowType=machine_learning`."""
         return f"#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
-
-    def run_url(self, run_id: str) -> str | None:
-        """The UI address of a run on a server (None for a local store)."""
-        if not self.is_remote:
-            return None
-        return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"

@@ -28,13 +28,14 @@ from pathlib import Path
 from ray.tune import Callback  # importing Ray's API does not start Ray
 
 from benchmarks.datasets import get_dataset_spec, load_split
-from methods import get_method, list_methods, make_config
-from orchestrator.bench import check_address, check_writable, parse_pairs, start_ray, train_classifiers
-from orchestrator.cell import BUDGETS, CellKey, CellRequest, check_cell, run_cell
-from orchestrator.cli import ArgumentParser, UsageError, run_cli
-from orchestrator.distill import add_data_args, parse_sets
+from methods import BUDGETS, get_method, list_methods, make_config
+from orchestrator.cli import (ArgumentParser, UsageError, add_data_args, check_writable, parse_pairs, parse_sets,
+                              run_cli)
+from orchestrator.core.cell import CellKey, CellSpec, check_cell, run_in_process
+from orchestrator.core.classifiers import checkpoint_path
+from orchestrator.core.loop import epochs_done
+from orchestrator.runtime.cluster import check_address, start_ray, train_classifiers
 from orchestrator.search_space import check_space, load_space, space_json, to_tune
-from orchestrator.teachers import checkpoint_path
 from orchestrator.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 
 METRICS = ("val_accuracy", "kd/loss", "synth/total")  # reported by every method, every epoch
@@ -151,17 +152,18 @@ def make_trainable(ctx: dict):
 
         torch.set_num_threads(ctx["threads"])  # workers are reused: set it every time
         trial_dir = Path(tune.get_context().get_trial_dir())
-        request = CellRequest(CellKey(**ctx["key"]), {**ctx["fixed"], **config}, trial_dir, ctx["data_root"],
-                              device="cuda" if ctx["gpus"] and torch.cuda.is_available() else "cpu",
-                              teacher_dir=Path(ctx["teacher_dir"]), eval_split="val", progress=False)
-        state = request.cell_dir / "state.pt"
+        key = CellKey(**ctx["key"])
+        spec = CellSpec.build(key, {**ctx["fixed"], **config}, checkpoint_path(ctx["teacher_dir"], key.dataset,
+                                                                               key.teacher), ctx["data_root"], "val")
+        cell_dir = trial_dir / key.slug
+        state = cell_dir / "state.pt"
         checkpoint = tune.get_checkpoint()
-        if checkpoint:  # a retried or resumed trial: run_cell continues from this state
+        if checkpoint:  # a retried or resumed trial: the round loop continues from this state
             state.parent.mkdir(parents=True, exist_ok=True)
             with checkpoint.as_directory() as folder:
                 restore_state(Path(folder) / "state.pt", state)
 
-        epochs = make_config(request.key.method, request.key.budget, request.overrides).epochs
+        epochs = spec.config.epochs
         last: dict = {}
 
         def report(metrics: dict) -> None:
@@ -178,10 +180,11 @@ def make_trainable(ctx: dict):
             metrics = {"val_accuracy": metrics.pop("accuracy"), "epoch": epoch, **metrics}
             if epoch < epochs:
                 report(metrics)
-            else:  # Tune stops a trial at max_t inside report: let run_cell write its files first
+            else:  # Tune stops a trial at max_t inside report: let the cell write its files first
                 last.update(metrics)
 
-        result = run_cell(request, on_epoch=on_epoch, log=lambda *_: None)
+        device = "cuda" if ctx["gpus"] and torch.cuda.is_available() else "cpu"
+        result = run_in_process(spec, cell_dir, device, on_epoch=on_epoch, log=lambda *_: None)
         if result.history.status != "finished":
             raise TrialFailed(result.history.status)
         if last:
@@ -281,27 +284,20 @@ def evaluate_best(best, key: CellKey, data_root: str) -> float:
     import torch
 
     from models import create_model
-    from orchestrator.training import evaluate
+    from orchestrator.core.training import evaluate
 
     spec = get_dataset_spec(key.dataset)
     with best.checkpoint.as_directory() as folder:
         state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
     student = create_model(key.student, spec.num_classes, in_channels=spec.channels, image_size=spec.image_size)
-    student.load_state_dict(state["trainer"]["student"])
+    student.load_state_dict(state["strategy"]["trainers"][0]["student"])
     return evaluate(student, load_split(key.dataset, "test", data_root))
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    p = plan(args)
-    key, out = p["key"], p["out"]
-    # Tiny trials checkpoint often; Tune's warning about frequent state snapshots is noise here.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    import torch
-
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else float(torch.cuda.is_available())
-    tracker = Tracker(p["uri"], args.experiment, artifact_root=out / "mlartifacts")
-    record: Path = p["record"]
+def open_search(p: dict, args, tracker: Tracker) -> str:
+    """The search's MLflow parent run and its record file (kept from the first start on
+    --resume); returns the parent run id."""
+    key, record = p["key"], p["record"]
     if not (args.resume and record.exists()):
         parent = tracker.start_parent(p["name"], tags={"kind": "tune", **key.tags()}, params={
             "method": key.method, "dataset": key.dataset, "pair": f"{key.teacher}:{key.student}",
@@ -311,47 +307,63 @@ def main(argv=None) -> int:
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"parent": parent, "name": p["name"], "settings": settings, "trials": {}},
                                      indent=2))
-    parent = json.loads(record.read_text())["parent"]
+    return json.loads(record.read_text())["parent"]
 
-    import ray
-    owned = not ray.is_initialized()  # a caller that started Ray itself keeps it
-    if owned:
-        start_ray(args.address)
+
+def make_tuner(p: dict, args, tracker: Tracker, gpus: float):
+    """A new Tuner (Optuna TPE + ASHA), or the interrupted one restored with --resume."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    key = p["key"]
+    ctx = {"key": dataclasses.asdict(key), "fixed": p["fixed"], "data_root": p["data_root"], "gpus": gpus,
+           "teacher_dir": str(Path(args.teacher_dir).resolve()), "threads": max(int(args.cpus_per_trial), 1)}
+    trainable = tune.with_resources(make_trainable(ctx), {"cpu": args.cpus_per_trial, "gpu": gpus})
+    path = p["storage"] / p["name"]
+    if args.resume:
+        print(f"continuing the search at {path}")
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    recorder = TrialRecorder(p["record"], p["uri"], args.experiment, p["out"] / "mlartifacts",
+                             {**key.tags(), "search": p["name"]}, p["fixed"], tracker=tracker)
+    return tune.Tuner(
+        trainable, param_space=to_tune(p["space"]),
+        tune_config=tune.TuneConfig(
+            metric=p["metric"], mode=p["mode"], num_samples=p["num_samples"],
+            max_concurrent_trials=args.max_concurrent, search_alg=OptunaSearch(seed=args.seed),
+            # ASHA's clock is the cell's own epoch, not Tune's report count: a trial
+            # interrupted between writing its state and Tune saving the checkpoint
+            # continues from the newer state in its folder, and Tune's count, taken
+            # from the older checkpoint, would then run one behind.
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=p["max_t"],
+                                    grace_period=min(args.grace_period, p["max_t"]))),
+        run_config=tune.RunConfig(
+            name=p["name"], storage_path=str(p["storage"]), callbacks=[recorder], verbose=0,
+            failure_config=tune.FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    p = plan(args)
+    key = p["key"]
+    # Tiny trials checkpoint often; Tune's warning about frequent state snapshots is noise here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    import ray
+    import torch
+
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else float(torch.cuda.is_available())
+    tracker = Tracker(p["uri"], args.experiment, artifact_root=p["out"] / "mlartifacts")
+    parent = open_search(p, args, tracker)
+    owned = not ray.is_initialized()  # a caller that started Ray itself keeps it
+    if owned:
+        start_ray(args.address)
     try:
         if not checkpoint_path(Path(args.teacher_dir).resolve(), key.dataset, key.teacher).exists():
             device = "cuda" if torch.cuda.is_available() else "cpu"  # trained once here, not by each trial
-            train_classifiers(ray, [(key.dataset, key.teacher)], args, {key.dataset: p["data_root"]}, device,
-                              print)
-        ctx = {"key": dataclasses.asdict(key), "fixed": p["fixed"], "data_root": p["data_root"], "gpus": gpus,
-               "teacher_dir": str(Path(args.teacher_dir).resolve()), "threads": max(int(args.cpus_per_trial), 1)}
-        trainable = tune.with_resources(make_trainable(ctx), {"cpu": args.cpus_per_trial, "gpu": gpus})
-        path = p["storage"] / p["name"]
-        if args.resume:
-            print(f"continuing the search at {path}")
-            tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
-        else:
-            recorder = TrialRecorder(record, p["uri"], args.experiment, out / "mlartifacts",
-                                     {**key.tags(), "search": p["name"]}, p["fixed"], tracker=tracker)
-            tuner = tune.Tuner(
-                trainable, param_space=to_tune(p["space"]),
-                tune_config=tune.TuneConfig(
-                    metric=p["metric"], mode=p["mode"], num_samples=p["num_samples"],
-                    max_concurrent_trials=args.max_concurrent, search_alg=OptunaSearch(seed=args.seed),
-                    # ASHA's clock is the cell's own epoch, not Tune's report count: a trial
-                    # interrupted between writing its state and Tune saving the checkpoint
-                    # continues from the newer state in its folder, and Tune's count, taken
-                    # from the older checkpoint, would then run one behind.
-                    scheduler=ASHAScheduler(time_attr="epoch", max_t=p["max_t"],
-                                            grace_period=min(args.grace_period, p["max_t"]))),
-                run_config=tune.RunConfig(
-                    name=p["name"], storage_path=str(p["storage"]), callbacks=[recorder], verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=args.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        results = tuner.fit()
+            train_classifiers(ray, [(key.dataset, key.teacher)], args.teacher_dir, {key.dataset: p["data_root"]},
+                              device, print)
+        results = make_tuner(p, args, tracker, gpus).fit()
         return report(results, p, tracker, parent)
     finally:
         if owned:
@@ -367,18 +379,6 @@ def restore_state(saved: Path, state: Path) -> bool:
         return False
     shutil.copy(saved, state)
     return True
-
-
-def epochs_done(state_path: Path) -> int:
-    """Epochs a cell's resume state has finished (0 when there is none)."""
-    if not state_path.exists():
-        return 0
-    import torch
-
-    from orchestrator.loop import History
-
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    return History(**state["history"]).epochs_done
 
 
 def report(results, p: dict, tracker: Tracker, parent: str) -> int:

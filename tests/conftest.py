@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 def tiny_mnist(tmp_path_factory):
     """A tiny MNIST in its real idx format and a resnet8 teacher trained on it once per
     session: `root/data/mnist/*-ubyte.gz`, `root/teachers/mnist-resnet8.pt`."""
-    from orchestrator.teachers import default_recipe, get_classifier
+    from orchestrator.core.classifiers import default_recipe, get_classifier
     from tests.test_datasets import make_mnist_like
 
     root = tmp_path_factory.mktemp("tiny_mnist")

@@ -4,7 +4,7 @@ import ast
 import torch
 
 from orchestrator import diagnose_bn
-from orchestrator.checkpoints import load_classifier
+from orchestrator.core.checkpoints import load_classifier
 
 
 def test_reports_both_accuracies_and_leaves_running_stats_alone(tiny_mnist, capsys):

@@ -14,7 +14,7 @@ import pytest
 import ray
 import torch
 
-from orchestrator.store import (META_FILE, SNAPSHOT_FILE, SnapshotError, StoreBank,
+from orchestrator.runtime.store import (META_FILE, SNAPSHOT_FILE, SnapshotError, StoreBank,
                                 create_store)
 
 SHAPE = (3, 8, 8)  # small images keep the tests fast; the perf script uses 32x32

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from orchestrator import teachers
-from orchestrator.checkpoints import load_classifier
+from orchestrator.core.checkpoints import load_classifier
 from orchestrator.cli import UsageError
 from tests.test_datasets import make_mnist_like
 
@@ -41,7 +41,7 @@ def test_trains_caches_and_reuses(tiny_mnist, tmp_path, capsys):
 
 def test_wrong_dataset_or_channels_refused(tiny_mnist, tmp_path):
     from models import create_model
-    from orchestrator.checkpoints import save_classifier
+    from orchestrator.core.checkpoints import save_classifier
 
     path = save_classifier(tmp_path / "c.pt", create_model("resnet8", 10, in_channels=1),
                            {"dataset": "mnist", "arch": "resnet8", "num_classes": 10, "channels": 1,
@@ -99,7 +99,7 @@ def test_missing_data_names_where_it_looked(tmp_path, monkeypatch, capsys):
 
 
 def test_progressive_resizing_trains_small_first_and_ends_at_full_size(tiny_mnist, tmp_path, capsys):
-    from orchestrator.training import Recipe
+    from orchestrator.core.training import Recipe
 
     recipe = Recipe(epochs=3, sizes=(16, 24, 28))
     assert [recipe.size_at(e) for e in range(3)] == [16, 24, None]  # the last epoch is always native
@@ -118,7 +118,7 @@ def test_rate_warms_up_linearly_then_follows_a_cosine_to_zero():
 
     import torch
 
-    from orchestrator.training import Recipe
+    from orchestrator.core.training import Recipe
 
     recipe, total = Recipe(lr=0.2, warmup=0.1), 100
     factors = [recipe.rate_factor(step, total) for step in range(total)]

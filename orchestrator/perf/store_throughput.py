@@ -23,7 +23,7 @@ import ray
 import torch
 
 from methods.bank import InstanceBank
-from orchestrator.store import StoreBank, SyntheticStore, create_store
+from orchestrator.runtime.store import StoreBank, SyntheticStore, create_store
 
 BAR = 50_000  # images/s
 

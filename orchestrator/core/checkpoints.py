@@ -13,7 +13,7 @@ import torch
 
 from methods import place
 from models import create_model
-from orchestrator.cli import UsageError
+from orchestrator.core.errors import UsageError
 
 
 def save_classifier(path: str | Path, model: torch.nn.Module, meta: dict) -> Path:

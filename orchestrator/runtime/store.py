@@ -1,7 +1,7 @@
 """The synthetic store: one Ray actor that owns the instance bank, so synthesizer actors
 push images into it and trainer actors pull KD batches from it.
 
-    store = create_store(capacity_images=50_000, snapshot_dir="runs/pool", snapshot_every=10)
+    store = create_store(capacity_images=50_000, snapshot_dir="runs/bank", snapshot_every=10)
     bank = StoreBank(store)          # the methods.InstanceBank interface, over Ray
     synth = create_synthesizer("deepinv", teacher, student, cfg, spec, bank=bank)
     synth.synthesize()               # pushes into the actor
@@ -31,10 +31,12 @@ SNAPSHOT_FILE = "store.safetensors"
 META_FILE = "store.json"
 FORMAT = "dfkd-synthetic-store/1"
 
-# Reads are idempotent: if the store dies under them, Ray re-sends them to the
-# restarted actor instead of failing the trainer. Writes are not retried (an `add` in
-# flight when the store dies is lost, like every add since the last snapshot).
+# If the store dies under a call, Ray re-sends it to the restarted actor (which comes back
+# from its last snapshot) instead of failing the synthesizer or the trainer. Reads are
+# idempotent. An `add` in flight when the store died was lost with the process, like every
+# add since the last snapshot, so sending it again adds it once.
 _READ = dict(max_task_retries=3)
+_WRITE = dict(max_task_retries=3)
 
 
 class SnapshotError(RuntimeError):
@@ -102,7 +104,7 @@ class SyntheticStore:
     and `StoreBank` to use it as a methods `bank`.
     """
 
-    def __init__(self, capacity_images: int | None = None, capacity_features: int | None = 40960,
+    def __init__(self, capacity_images: int | None = None, capacity_features: int | None = None,
                  snapshot_dir: str | None = None, snapshot_every: int = 0, seed: int | None = None):
         torch.set_num_threads(1)  # the store only copies bytes; leave the cores to workers
         if snapshot_every < 0:
@@ -123,6 +125,7 @@ class SyntheticStore:
 
     # -- writes -----------------------------------------------------------------------
 
+    @ray.method(**_WRITE)
     def add(self, images: np.ndarray, labels: np.ndarray | None = None,
             features: np.ndarray | None = None) -> int:
         """Append a batch; returns the number of images now held."""
@@ -156,11 +159,6 @@ class SyntheticStore:
     def sample(self, batch_size: int) -> np.ndarray:
         """`batch_size` random images as one contiguous uint8 (n, C, H, W) array."""
         return _rows(self._bank._images, self._draw(batch_size))
-
-    @ray.method(**_READ)
-    def sample_with_labels(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        index = self._draw(batch_size)
-        return _rows(self._bank._images, index), _rows(self._bank._labels, index)
 
     @ray.method(**_READ)
     def negatives(self, k: int) -> np.ndarray:
@@ -240,6 +238,7 @@ class SyntheticStore:
             "capacity_images": int(state["capacity_images"]),
             "capacity_features": int(state["capacity_features"]),
             "counters": dict(self._counters),
+            "rng": self._rng.bit_generator.state,  # a restored store draws on as this one would
         }
         arrays = {k: np.ascontiguousarray(state[k]) for k in ("images", "labels", "features")}
         path = directory / SNAPSHOT_FILE
@@ -276,6 +275,8 @@ class SyntheticStore:
         self.load_state_arrays({**arrays, "capacity_images": meta["capacity_images"],
                                 "capacity_features": meta["capacity_features"]})
         self._counters.update(meta.get("counters", {}))
+        if "rng" in meta:
+            self._rng.bit_generator.state = meta["rng"]
         self._adds_since_snapshot = 0
         self._restored_from = str(path)
         return len(self._bank)
@@ -296,7 +297,7 @@ def _actor_class():
 
 
 def create_store(name: str | None = None, capacity_images: int | None = None,
-                 capacity_features: int | None = 40960, snapshot_dir: str | None = None,
+                 capacity_features: int | None = None, snapshot_dir: str | None = None,
                  snapshot_every: int = 0, num_cpus: float = 0, max_restarts: int = -1,
                  seed: int | None = None, namespace: str | None = None):
     """Start a SyntheticStore actor and return its handle (ray.init() must have run).
@@ -373,10 +374,6 @@ class StoreBank:
         while len(self._pending) <= self.prefetch:
             self._pending.append(self.store.sample.remote(n))
         return _tensor(self._get(self._pending.popleft()))
-
-    def sample_with_labels(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self._get(self.store.sample_with_labels.remote(n))
-        return _tensor(images), _tensor(labels)
 
     def negatives(self, k: int) -> torch.Tensor:
         return _tensor(self._get(self.store.negatives.remote(k)))

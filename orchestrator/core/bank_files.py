@@ -1,7 +1,7 @@
-"""Saving and seeding the instance bank (`--save-pool DIR`, `--init-pool DIR`).
+"""Saving and seeding the instance bank (`--save-bank DIR`, `--init-bank DIR`).
 
-A saved pool is `DIR/pool.safetensors`: plain uint8 images, int64 labels and float
-features, never pickled objects. `--init-pool` also takes a folder of PNG images, the
+A saved bank is `DIR/bank.safetensors`: plain uint8 images, int64 labels and float
+features, never pickled objects. `--init-bank` also takes a folder of PNG images, the
 form in which the reference code ships its pre-inverted data.
 """
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from orchestrator.cli import UsageError
+from orchestrator.core.errors import UsageError
 
-POOL_FILE = "pool.safetensors"
+BANK_FILE = "bank.safetensors"
 
 
 def bank_arrays(bank) -> dict[str, torch.Tensor]:
@@ -21,35 +21,35 @@ def bank_arrays(bank) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def save_pool(directory: str | Path, bank) -> Path:
+def save_bank(directory: str | Path, bank) -> Path:
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / POOL_FILE
+    path = directory / BANK_FILE
     save_file(bank_arrays(bank), str(path))
     return path
 
 
-def load_pool(directory: str | Path, bank, channels: int, image_size: int) -> None:
+def load_bank(directory: str | Path, bank, channels: int, image_size: int) -> None:
     directory = Path(directory)
-    if (directory / POOL_FILE).exists():
+    if (directory / BANK_FILE).exists():
         from safetensors.torch import load_file
 
         try:
-            arrays = load_file(str(directory / POOL_FILE))
+            arrays = load_file(str(directory / BANK_FILE))
         except Exception as exc:
-            raise UsageError(f"cannot read pool {directory / POOL_FILE}: {exc}") from None
+            raise UsageError(f"cannot read bank {directory / BANK_FILE}: {exc}") from None
         images = arrays.get("images")
         if images is None or images.dtype != torch.uint8 or tuple(images.shape[1:]) != (channels, image_size, image_size):
-            raise UsageError(f"pool {directory} holds images of shape "
+            raise UsageError(f"bank {directory} holds images of shape "
                              f"{None if images is None else tuple(images.shape[1:])}, "
                              f"expected {(channels, image_size, image_size)} uint8")
         bank.add(images, arrays.get("labels"), arrays.get("features"))
         return
     pngs = sorted(p for p in directory.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not pngs:
-        raise UsageError(f"--init-pool {directory}: no {POOL_FILE} and no PNG/JPEG images found")
+        raise UsageError(f"--init-bank {directory}: no {BANK_FILE} and no PNG/JPEG images found")
     from PIL import Image
 
     mode = "L" if channels == 1 else "RGB"

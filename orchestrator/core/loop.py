@@ -1,0 +1,340 @@
+"""The round loop: the one distillation loop of the project (plain PyTorch, no Ray, no MLflow).
+
+For each of `epochs` epochs, `ep_steps // kd_steps` rounds of [one synthesis round of
+`g_steps` optimisation steps, then `kd_steps` student updates on the KD loss (KL(teacher/T
+|| student/T) * T^2; L1 on logits for DFAD)], then an evaluation of every student. The
+first `warmup_epochs` epochs only synthesize (Fast-DFKD and NAYER warm their generator up before KD starts). Students: SGD
+momentum 0.9, weight decay 1e-4, cosine schedule over the epochs. After every epoch the
+whole state is checkpointed, so a killed cell continues from its last finished epoch.
+
+Where the work runs is a `Strategy`, not a second loop: `InProcess` (below; `distill` and
+`tune` trials) holds the synthesizer and the students in this process; the Ray strategy
+(orchestrator/runtime/driver.py; `bench`) drives a synthesizer actor, trainer actors and a
+store actor. The loop never asks which method it runs; it logs every named loss term.
+
+    loop = RoundLoop(InProcess(synthesizer, [trainer]), config, state_path=cell_dir / "state.pt")
+    loop.restore()                    # resume, if a state with the same config is there
+    histories = loop.run(on_epoch=lambda student, epoch, metrics: print(epoch, metrics))
+"""
+from __future__ import annotations
+
+import abc
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from benchmarks.datasets import ImageSet
+from methods import kd_loss, place
+from orchestrator.core.training import evaluate
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or Inf: the affected cells stop with this as their status."""
+
+
+@dataclass
+class History:
+    """What a cell produced, epoch by epoch. JSON-serialisable through `asdict`."""
+
+    accuracy: list[float] = field(default_factory=list)  # per epoch, percent
+    losses: dict[str, list[float]] = field(default_factory=dict)  # per term, per-epoch mean
+    images_synthesized: list[int] = field(default_factory=list)  # cumulative, per epoch
+    synthesis_seconds: list[float] = field(default_factory=list)  # cumulative, per epoch
+    kd_seconds: list[float] = field(default_factory=list)  # cumulative, per epoch
+    status: str = "running"  # running | finished | failed: <why>
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.accuracy)
+
+    @property
+    def failed(self) -> bool:
+        return self.status.startswith("failed")
+
+    def epoch_metrics(self, index: int) -> dict:
+        """The metrics of epoch `index` (0-based), as reported when it closed."""
+        losses = {k: v[index] for k, v in self.losses.items() if index < len(v) and not math.isnan(v[index])}
+        return {"accuracy": self.accuracy[index], **losses, "synthesis_seconds": self.synthesis_seconds[index],
+                "kd_seconds": self.kd_seconds[index], "images_synthesized": self.images_synthesized[index]}
+
+    def summary(self) -> dict:
+        done = self.epochs_done
+        synth = self.synthesis_seconds[-1] if done else 0.0
+        images = self.images_synthesized[-1] if done else 0
+        return {
+            "status": self.status,
+            "accuracy": self.accuracy[-1] if done else float("nan"),
+            "best_accuracy": max(self.accuracy) if done else float("nan"),
+            "epochs": done,
+            "images_synthesized": images,
+            "synthesis_seconds": synth,
+            "kd_seconds": self.kd_seconds[-1] if done else 0.0,
+            "synthesis_images_per_second": images / synth if synth > 0 else float("nan"),
+        }
+
+
+class Trainer:
+    """The student side of a cell: KD steps on batches from any source, per-epoch cosine
+    step and evaluation. Runs in this process (`InProcess`) or inside a Ray trainer actor:
+    the same KD code either way."""
+
+    def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, config, eval_set: ImageSet,
+                 image_spec, device="cpu"):
+        self.teacher, self.student, self.config, self.eval_set = teacher.eval(), place(student, device), config, eval_set
+        self.device, self.image_spec = device, image_spec
+        self.optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
+
+    def kd_steps(self, sample: Callable[[int], torch.Tensor]) -> dict[str, float]:
+        """`config.kd_steps` student updates on `sample(batch_size)` ([0, 1] images)."""
+        cfg, norm = self.config, self.image_spec.normalize
+        self.student.train()
+        total = 0.0
+        for _ in range(cfg.kd_steps):
+            x = norm(sample(cfg.batch_size))
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+            loss = kd_loss(cfg.kd_criterion, self.student(x), t_logits, cfg.T)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item()
+        return {"loss": total / cfg.kd_steps}
+
+    def end_epoch(self) -> float:
+        self.scheduler.step()
+        return evaluate(self.student, self.eval_set, self.device)
+
+    def state_dict(self) -> dict:
+        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+@dataclass
+class RoundOutput:
+    """What one synthesis round reports to the loop."""
+
+    losses: dict[str, float]
+    images_synthesized: int  # cumulative
+    seconds: float  # synthesis
+    kd_sample_seconds: float = 0.0  # drawing the round's fresh KD images, booked as KD time
+
+
+class Strategy(abc.ABC):
+    """Where a cell's synthesis and KD run. Student `i` is the i-th student of the stream
+    (one in `distill`, `tune` and the bench's paper mode; all students of a teacher in the
+    bench's shared mode)."""
+
+    uses_student: bool  # the synthesizer plays against the students (adversarial terms)
+
+    @abc.abstractmethod
+    def synthesize(self, publish: bool, feed_kd: bool) -> RoundOutput:
+        """One synthesis round. `publish`: refresh the synthesizer's view of the students
+        first; `feed_kd`: KD steps follow (False in warm-up epochs)."""
+
+    @abc.abstractmethod
+    def kd_round(self, students: list[int]) -> list[tuple[dict[str, float], float]]:
+        """`kd_steps` updates of each listed student: (loss terms, seconds) per student."""
+
+    @abc.abstractmethod
+    def end_epoch(self, students: list[int]) -> list[float]:
+        """Cosine step and evaluation of each listed student: accuracies in percent."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict:
+        """Everything needed to continue after the last epoch, random states included."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class InProcess(Strategy):
+    """Synthesizer and students in this process: the synthesizer holds the live student
+    objects, so there is nothing to publish."""
+
+    def __init__(self, synthesizer, trainers: list[Trainer]):
+        self.synthesizer, self.trainers = synthesizer, trainers
+        self.uses_student = bool(synthesizer.uses_student)
+
+    def synthesize(self, publish: bool, feed_kd: bool) -> RoundOutput:
+        tick = time.perf_counter()
+        result = self.synthesizer.synthesize()
+        return RoundOutput(result.losses, self.synthesizer.images_synthesized, time.perf_counter() - tick)
+
+    def kd_round(self, students):
+        out = []
+        for i in students:
+            tick = time.perf_counter()
+            losses = self.trainers[i].kd_steps(self.synthesizer.sample)
+            out.append((losses, time.perf_counter() - tick))
+        return out
+
+    def end_epoch(self, students):
+        return [self.trainers[i].end_epoch() for i in students]
+
+    def state_dict(self) -> dict:
+        return {"synthesizer": self.synthesizer.state_dict(), "trainers": [t.state_dict() for t in self.trainers],
+                "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.synthesizer.load_state_dict(state["synthesizer"])
+        for trainer, saved in zip(self.trainers, state["trainers"]):
+            trainer.load_state_dict(saved)
+        torch.set_rng_state(state["rng"])
+
+
+class _Means:
+    """Running per-epoch means of named loss terms."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, terms: dict[str, float], prefix: str, where: str) -> None:
+        bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        if bad:
+            raise NonFiniteLoss(f"non-finite {', '.join(bad)} in {where}")
+        for key, value in terms.items():
+            name = f"{prefix}{key}"
+            self.sums[name] = self.sums.get(name, 0.0) + float(value)
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def _close_epoch(h: History, means: dict[str, float], accuracy: float, images: int, synth: float, kd: float,
+                 epochs: int) -> dict:
+    epoch = h.epochs_done
+    h.accuracy.append(accuracy)
+    for key in set(h.losses) | set(means):  # a term missing this epoch (warm-up: no KD) is NaN
+        h.losses.setdefault(key, [float("nan")] * epoch).append(means.get(key, float("nan")))
+    h.images_synthesized.append(int(images))
+    h.synthesis_seconds.append(synth)
+    h.kd_seconds.append(kd)
+    if h.epochs_done == epochs:
+        h.status = "finished"
+    return h.epoch_metrics(epoch)
+
+
+class RoundLoop:
+    """Runs (or resumes) one synthesis stream: a strategy and its students' histories.
+
+    A NaN/Inf in synthesis fails every student of the stream; one in a student's KD fails
+    that student only (the others go on). Other exceptions (an actor died, Ctrl-C) propagate,
+    and `histories` keeps every finished epoch for the caller to record.
+    """
+
+    def __init__(self, strategy: Strategy, config, n_students: int = 1, state_path: str | Path | None = None,
+                 publish_every: int = 1):
+        self.strategy, self.config, self.n = strategy, config, n_students
+        self.state_path = Path(state_path) if state_path else None
+        self.publish_every = max(int(publish_every), 1)
+        self.histories = [History() for _ in range(n_students)]
+
+    def restore(self) -> int:
+        """Continues from `state_path` when it holds a state of this config; returns the
+        epochs restored (0: starting fresh)."""
+        if not (self.state_path and self.state_path.exists()):
+            return 0
+        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        if state.get("config") != asdict(self.config) or len(state.get("histories", [])) != self.n:
+            return 0  # a different config under the same cell: start over
+        self.strategy.load_state_dict(state["strategy"])
+        self.histories = [History(**h) for h in state["histories"]]
+        return min(h.epochs_done for h in self.histories)
+
+    def run(self, on_epoch: Callable[[int, int, dict], None] | None = None,
+            progress: Callable[[str, int, int], None] | None = None,
+            stop: threading.Event | None = None) -> list[History]:
+        """`on_epoch(student, epoch, metrics)` after each checkpointed epoch;
+        `progress(phase, rounds done, rounds total)` before each synthesis and KD phase;
+        `stop` set: raises InterruptedError at the next round."""
+        cfg, hs = self.config, self.histories
+        rounds = rounds_per_epoch(cfg)
+        live = [i for i, h in enumerate(hs) if not h.failed and h.status != "finished"]
+        start = min((hs[i].epochs_done for i in live), default=cfg.epochs)
+        synth_time = hs[0].synthesis_seconds[start - 1] if start else 0.0
+        kd_time = [h.kd_seconds[start - 1] if start else 0.0 for h in hs]
+        images = hs[0].images_synthesized[start - 1] if start else 0
+        for epoch in range(start, cfg.epochs):
+            means = [_Means() for _ in hs]
+            distilling = epoch >= cfg.warmup_epochs
+            for r in range(rounds):
+                if stop is not None and stop.is_set():
+                    raise InterruptedError("interrupted")
+                where, step = f"epoch {epoch + 1}, round {r + 1}", epoch * rounds + r
+                if progress:
+                    progress("synthesis", step, cfg.epochs * rounds)
+                publish = self.strategy.uses_student and step % self.publish_every == 0 and len(live) == self.n
+                out = self.strategy.synthesize(publish, feed_kd=distilling)
+                synth_time, images = synth_time + out.seconds, out.images_synthesized
+                try:
+                    for i in live:
+                        means[i].add(out.losses, "synth/", f"synthesis ({where})")
+                except NonFiniteLoss as exc:
+                    self._fail(live, exc)
+                    return hs
+                if not distilling:
+                    continue
+                if progress:
+                    progress("kd", step, cfg.epochs * rounds)
+                for i, (losses, seconds) in zip(list(live), self.strategy.kd_round(live)):
+                    kd_time[i] += seconds + out.kd_sample_seconds
+                    try:
+                        means[i].add(losses, "kd/", f"KD ({where})")
+                    except NonFiniteLoss as exc:
+                        self._fail([i], exc)
+                        live.remove(i)
+                if not live:
+                    return hs
+            accuracies = self.strategy.end_epoch(live)
+            metrics = {i: _close_epoch(hs[i], means[i].means(), acc, images, synth_time, kd_time[i], cfg.epochs)
+                       for i, acc in zip(live, accuracies)}
+            self.checkpoint()
+            for i, m in metrics.items():
+                if on_epoch:
+                    on_epoch(i, epoch + 1, m)
+        return hs
+
+    def checkpoint(self) -> None:
+        if self.state_path:
+            save_state(self.state_path, {"strategy": self.strategy.state_dict(),
+                                         "histories": [asdict(h) for h in self.histories],
+                                         "config": asdict(self.config)})
+
+    def _fail(self, students: list[int], exc: Exception) -> None:
+        for i in students:
+            self.histories[i].status = f"failed: {exc}"
+
+
+def rounds_per_epoch(config) -> int:
+    return max(config.ep_steps // config.kd_steps, 1)
+
+
+def epochs_done(state_path: Path) -> int:
+    """Epochs a cell's resume state has finished (0 when there is none)."""
+    if not Path(state_path).exists():
+        return 0
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    return min((len(h["accuracy"]) for h in state.get("histories", [])), default=0)
+
+
+def save_state(path, state: dict) -> None:
+    """torch.save to a temp file then rename: a kill mid-save keeps the previous state."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)

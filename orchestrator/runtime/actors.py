@@ -1,0 +1,127 @@
+"""The Ray actors of a synthesis stream: a synthesizer pushes into the stream's store,
+trainers pull from it.
+
+    SynthesizerActor  one per stream: the teacher, the method's synthesizer and replicas of
+                      the students it plays against (adversarial terms). Its bank is the
+                      store; a method that trains on fresh KD batches (`fresh_kd_batches`)
+                      also pushes each round's KD images there.
+    TrainerActor      one per student: the core `Trainer` (the KD code `distill` runs),
+                      fed from the store.
+
+Both are built from the stream's `CellSpec` with the core cell builder, so every process
+gets the same config, teacher, student initialisation and eval set as `distill`. Only
+numpy arrays and small dicts cross process boundaries. Both call `torch.set_num_threads`
+because Ray reuses worker processes.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+
+from methods import from_uint8, place, to_uint8
+from orchestrator.core.cell import (CellSpec, grid_images, load_teacher, make_student, make_synthesizer,
+                                    make_trainer, write_cell_files)
+from orchestrator.runtime.store import StoreBank
+
+
+def _to_numpy(state: dict) -> dict:
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def _from_numpy(state: dict) -> dict:
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
+
+
+def _rng_state() -> np.ndarray:
+    return torch.get_rng_state().numpy()
+
+
+@ray.remote
+class SynthesizerActor:
+    def __init__(self, spec: CellSpec, students: list[str], store, device: str = "cpu", threads: int = 1):
+        torch.set_num_threads(threads)
+        self.spec, self.device = spec, device
+        teacher, _ = load_teacher(spec.teacher_ckpt, spec.key.dataset, device)
+        # Seeded as `distill` seeds its process: the replica is drawn (like the student
+        # there) right before the synthesizer, so both start from the same random state.
+        self.replicas = [place(make_student(spec, arch), device) for arch in students]
+        self.bank = StoreBank(store)
+        self.synth = make_synthesizer(spec, teacher, self.replicas, self.bank, device)
+        self.fresh = spec.method.fresh_kd_batches
+
+    def uses_student(self) -> bool:
+        return bool(self.synth.uses_student)
+
+    def round(self, student_states: list[dict] | None, feed_kd: bool) -> dict:
+        """One synthesis round; a fresh-batch method then pushes the round's KD images."""
+        if student_states:
+            for replica, state in zip(self.replicas, student_states):
+                replica.load_state_dict(_from_numpy(state))
+        tick = time.perf_counter()
+        result = self.synth.synthesize()
+        synthesized = time.perf_counter()
+        if self.fresh and feed_kd:
+            # The images this round's KD steps train on, as many as they consume; each
+            # trainer uses each batch once. Drawn one KD batch at a time, as `distill` draws
+            # them: one large draw allocates hundreds of MB of activations per round on a CPU.
+            cfg = self.spec.config
+            images = torch.cat([to_uint8(self.synth.sample(cfg.batch_size)).cpu() for _ in range(cfg.kd_steps)])
+            self.bank.add(images)  # waited for: the trainers' next pull sees this round
+        # Drawing KD images is KD-side work in `distill` (the trainer calls `sample`): it is
+        # reported apart and booked as KD time, so the two splits compare.
+        return {"losses": result.losses, "images_synthesized": self.synth.images_synthesized,
+                "seconds": synthesized - tick, "kd_sample_seconds": time.perf_counter() - synthesized}
+
+    def state(self) -> dict:
+        return {"synthesizer": self.synth.state_dict(), "rng": _rng_state()}
+
+    def load_state(self, state: dict) -> None:
+        self.synth.load_state_dict(state["synthesizer"])
+        torch.set_rng_state(torch.from_numpy(np.asarray(state["rng"])))
+
+    def grid(self, count: int = 64) -> torch.Tensor:
+        return grid_images(self.synth, count)
+
+
+@ray.remote
+class TrainerActor:
+    def __init__(self, spec: CellSpec, store, device: str = "cpu", threads: int = 1):
+        torch.set_num_threads(threads)
+        self.spec, self.device = spec, device
+        self.trainer = make_trainer(spec, make_student(spec), device)
+        self.bank = StoreBank(store)
+        self.fresh = spec.method.fresh_kd_batches
+
+    def kd_round(self) -> dict:
+        tick = time.perf_counter()
+        cfg, spec = self.spec.config, self.spec
+        if self.fresh:
+            # The store holds exactly this round's fresh images: take them all once
+            # (distinct, shuffled) and use each batch once, as fresh samples are.
+            batches = iter(from_uint8(self.bank.sample(cfg.kd_steps * cfg.batch_size)).split(cfg.batch_size))
+            sample = lambda n: next(batches).to(self.device)  # noqa: E731
+        else:
+            sample = lambda n: spec.method.kd_view(from_uint8(self.bank.sample(n)).to(self.device),  # noqa: E731
+                                                   spec.image_spec)
+        losses = self.trainer.kd_steps(sample)
+        return {"losses": losses, "seconds": time.perf_counter() - tick}
+
+    def end_epoch(self) -> float:
+        return self.trainer.end_epoch()
+
+    def student_state(self) -> dict:
+        return _to_numpy(self.trainer.student.state_dict())
+
+    def state(self) -> dict:
+        return {"trainer": self.trainer.state_dict(), "rng": _rng_state()}
+
+    def load_state(self, state: dict) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        torch.set_rng_state(torch.from_numpy(np.asarray(state["rng"])))
+
+    def write_files(self, cell_dir: str, spec: CellSpec, history, grid) -> None:
+        write_cell_files(Path(cell_dir), spec, history, self.trainer.student, grid)

@@ -1,0 +1,245 @@
+"""The bench's driver: runs synthesis streams through the core round loop on Ray.
+
+A stream is one (dataset, teacher, method, seed) synthesis process feeding one student
+(`--mode paper`: the reference loop, one synthesizer per student) or all students of that
+teacher at once (`--mode shared`, this project's own mode). `RayStrategy` is where the
+round loop's work runs for a stream: a store actor (the stream's bank, snapshotted into the
+stream's cell folder every epoch and restored from there when Ray restarts it), a
+`SynthesizerActor` and one `TrainerActor` per student. The loop is the one `distill` runs
+(orchestrator/core/loop.py), so per-epoch checkpoints and `--resume` behave the same:
+a stream killed half-way continues from its last finished epoch.
+
+Streams run concurrently in driver threads as cluster resources allow.
+"""
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from orchestrator.core.cell import CellKey, CellResult, CellSpec, write_cell_files
+from orchestrator.core.loop import History, RoundLoop, RoundOutput, Strategy
+from orchestrator.runtime.actors import SynthesizerActor, TrainerActor
+from orchestrator.runtime.store import create_store
+
+STORE_DIR = "store"  # the store's snapshot, inside the stream's (first) cell folder
+
+
+@dataclass
+class Stream:
+    """One synthesis stream: the spec of each of its cells (same dataset, teacher, method,
+    seed and config; one student each)."""
+
+    specs: list[CellSpec]
+
+    @property
+    def keys(self) -> list[CellKey]:
+        return [s.key for s in self.specs]
+
+    @property
+    def students(self) -> list[str]:
+        return [k.student for k in self.keys]
+
+    def describe(self) -> str:
+        k = self.keys[0]
+        return f"{k.method} {k.teacher} seed {k.seed}"
+
+
+@dataclass
+class Resources:
+    """How one stream's actors are sized; see README, "Running on a cluster"."""
+
+    cpus_per_actor: float = 1.0
+    gpus_per_cell: float = 0.0
+    node_cpus: int = 2
+
+    def synth_options(self) -> dict:
+        return {"num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_cell / 2}
+
+    def trainer_options(self, n_students: int) -> dict:
+        return {"num_cpus": self.cpus_per_actor, "num_gpus": self.gpus_per_cell / 2 / n_students}
+
+    def bundles(self, n_students: int) -> list[dict]:
+        """One placement-group bundle per actor of a stream: synthesizer first, then trainers."""
+        def bundle(options):
+            out = {"CPU": options["num_cpus"], "GPU": options["num_gpus"]}
+            return {k: v for k, v in out.items() if v > 0}  # Ray refuses zero-sized entries
+        return [bundle(self.synth_options())] + [bundle(self.trainer_options(n_students))] * n_students
+
+    def threads(self, n_students: int) -> tuple[int, int]:
+        # Synthesis and KD alternate, so the synthesizer may use the stream's whole CPU
+        # share while trainers wait, and trainers split it while they run together.
+        stream = max(int(round(self.cpus_per_actor * (1 + n_students))), 1)
+        stream = min(stream, self.node_cpus)
+        return stream, max(stream // n_students, 1)
+
+
+class RayStrategy(Strategy):
+    """The round loop's work on Ray: one store, one synthesizer, one trainer per student,
+    all placed at once in `group`."""
+
+    def __init__(self, stream: Stream, resources: Resources, device: str, group, store_dir: Path):
+        spec, n = stream.specs[0], len(stream.specs)
+        synth_threads, trainer_threads = resources.threads(n)
+        placed = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)}
+                  for i in range(1 + n)]
+        # One store per stream, sized as the method says (each actor is a process that
+        # imports torch: seconds of start-up on a small machine). Seeded, so a stream's
+        # draws repeat; restarted from its snapshot when it dies.
+        images, features = spec.method.store_capacity(spec.config)
+        self.store = create_store(capacity_images=images, capacity_features=features, seed=spec.key.seed,
+                                  snapshot_dir=str(store_dir))
+        self.synth = SynthesizerActor.options(**resources.synth_options(), **placed[0]).remote(
+            spec, stream.students, self.store, device, synth_threads)
+        self.trainers = [TrainerActor.options(**resources.trainer_options(n), **placed[1 + j]).remote(
+            s, self.store, device, trainer_threads) for j, s in enumerate(stream.specs)]
+        self.uses_student = ray.get(self.synth.uses_student.remote())
+
+    @property
+    def actors(self) -> list:
+        return [self.store, self.synth, *self.trainers]
+
+    def synthesize(self, publish: bool, feed_kd: bool) -> RoundOutput:
+        states = ray.get([t.student_state.remote() for t in self.trainers]) if publish else None
+        out = ray.get(self.synth.round.remote(states, feed_kd))
+        return RoundOutput(out["losses"], out["images_synthesized"], out["seconds"], out["kd_sample_seconds"])
+
+    def kd_round(self, students):
+        return [(r["losses"], r["seconds"]) for r in ray.get([self.trainers[i].kd_round.remote() for i in students])]
+
+    def end_epoch(self, students):
+        return ray.get([self.trainers[i].end_epoch.remote() for i in students])
+
+    def state_dict(self) -> dict:
+        # The synthesizer's state holds its bank (read from the store), so the state file
+        # alone resumes a cell; the snapshot brings back a store that dies mid-epoch.
+        ray.get(self.store.snapshot.remote())
+        synth, *trainers = ray.get([self.synth.state.remote(), *[t.state.remote() for t in self.trainers]])
+        return {"synthesizer": synth, "trainers": trainers}
+
+    def load_state_dict(self, state: dict) -> None:
+        ray.get([self.synth.load_state.remote(state["synthesizer"]),
+                 *[t.load_state.remote(s) for t, s in zip(self.trainers, state["trainers"])]])
+
+
+class StreamRunner:
+    """Runs one stream; reports epochs and outcomes through callbacks (driver side)."""
+
+    def __init__(self, stream: Stream, out: Path, resources: Resources, device: str, *, publish_every: int = 1,
+                 resume: bool = False, on_cell_start=None, on_epoch=None, progress=None, log=print):
+        self.stream, self.out, self.resources, self.device = stream, Path(out), resources, device
+        self.publish_every, self.resume = publish_every, resume
+        self.on_cell_start = on_cell_start or (lambda spec, restored: None)
+        self.on_epoch = on_epoch or (lambda key, epoch, metrics: None)
+        self.progress, self.log = progress, log
+        self.strategy: RayStrategy | None = None
+
+    def cell_dir(self, key: CellKey) -> Path:
+        return self.out / "cells" / key.slug
+
+    def run(self, stop: threading.Event | None = None) -> list[CellResult]:
+        """Runs (or continues) the stream; never raises: a failure marks its cells failed."""
+        stream, specs = self.stream, self.stream.specs
+        home = self.cell_dir(specs[0].key)  # the stream's state and store snapshot live here
+        if not self.resume:
+            (home / "state.pt").unlink(missing_ok=True)
+            shutil.rmtree(home / STORE_DIR, ignore_errors=True)
+        started = time.perf_counter()
+        loop, group, run_ids = None, None, {}
+        try:
+            group = self._reserve(self.resources.bundles(len(specs)), stop)
+            self.strategy = RayStrategy(stream, self.resources, self.device, group, home / STORE_DIR)
+            loop = RoundLoop(self.strategy, specs[0].config, len(specs), home / "state.pt", self.publish_every)
+            restored = loop.restore()
+            if restored:
+                self.log(f"stream {stream.describe()}: continuing after epoch {restored}")
+            for i, spec in enumerate(specs):
+                run_ids[spec.key] = self.on_cell_start(spec, loop.histories[i])
+            loop.run(on_epoch=lambda i, epoch, m: self.on_epoch(specs[i].key, epoch, m), progress=self.progress,
+                     stop=stop)
+        except Exception as exc:  # an actor died, out of memory, MLflow unreachable, interrupted ...
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+            self.log(f"stream {stream.describe()} failed: {message}")
+            if not isinstance(exc, InterruptedError):
+                self.log("".join(traceback.format_exception(exc))[-2000:])
+            for h in (loop.histories if loop else []):
+                if not h.failed:
+                    h.status = f"failed: {type(exc).__name__}: {message}"
+        histories = loop.histories if loop else []
+        results = [self._record(spec, i, histories, time.perf_counter() - started, run_ids.get(spec.key))
+                   for i, spec in enumerate(specs)]
+        if self.strategy is not None:
+            for actor in self.strategy.actors:
+                ray.kill(actor)
+        if group is not None:
+            remove_placement_group(group)
+        return results
+
+    def _record(self, spec: CellSpec, i: int, histories: list, wall: float, run_id) -> CellResult:
+        history = histories[i] if histories else History(status="failed: the stream did not start")
+        cell_dir = self.cell_dir(spec.key)
+        try:
+            if history.status == "finished":
+                grid = ray.get(self.strategy.synth.grid.remote(64))
+                ray.get(self.strategy.trainers[i].write_files.remote(str(cell_dir), spec, history, grid))
+            else:
+                write_cell_files(cell_dir, spec, history)
+        except Exception as exc:  # the numbers are in; a missing artefact is not fatal
+            self.log(f"could not save the files of {spec.key.slug}: {exc}")
+        return CellResult(spec.key, history, spec.config_dict(), cell_dir, wall, run_id=run_id)
+
+    def _reserve(self, bundles: list[dict], stop: threading.Event | None):
+        """Reserves all of a stream's actors at once (a placement group): actors created
+        one by one could leave two streams each holding a synthesizer and waiting forever
+        for trainer slots on a fragmented cluster. Waits (and says so) while the cluster is
+        busy; a stop request ends the wait."""
+        group = placement_group(bundles, strategy="PACK")
+        waited = 0.0
+        while not ray.wait([group.ready()], timeout=5.0)[0]:
+            waited += 5.0
+            if stop is not None and stop.is_set():
+                remove_placement_group(group)
+                raise InterruptedError("bench interrupted")
+            if waited % 60 == 0:
+                self.log(f"stream {self.stream.describe()}: waiting {waited:.0f}s for resources {bundles}")
+        return group
+
+
+def run_streams(runners: list[StreamRunner], max_concurrent: int, on_done=None, log=print) -> list[CellResult]:
+    """Runs streams in driver threads, at most `max_concurrent` at a time. Ctrl-C stops
+    the streams in flight at their next round and cancels the queued ones."""
+    results: list[CellResult] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def one(runner: StreamRunner):
+        if stop.is_set():
+            return []
+        result = runner.run(stop)
+        with lock:
+            results.extend(result)
+            for outcome in result if on_done else []:
+                try:
+                    on_done(outcome)
+                except Exception as exc:  # bookkeeping of one cell must not sink the bench
+                    log(f"could not record {outcome.key.slug}: {exc}")
+        return result
+
+    pool = ThreadPoolExecutor(max_workers=max(max_concurrent, 1))
+    try:
+        for future in [pool.submit(one, r) for r in runners]:
+            future.result()
+    except BaseException:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return results
