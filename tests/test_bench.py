@@ -73,9 +73,10 @@ def test_runs_without_the_hash_tag_are_matched_by_their_logged_params():
     from orchestrator.bench import same_config
     from orchestrator.tracking import flatten_params
 
-    logged = flatten_params(dataclasses.asdict(make_config("dafl", "smoke", {})))
-    assert same_config({"tags": {}, "params": logged}, "dafl", "smoke", {})
-    assert not same_config({"tags": {}, "params": logged}, "dafl", "smoke", {"g_steps": 3})
-    assert not same_config({"tags": {}, "params": {}}, "dafl", "smoke", {})
+    config = make_config("dafl", "smoke", {})
+    logged = flatten_params(dataclasses.asdict(config))
+    assert same_config({"tags": {}, "params": logged}, config)
+    assert not same_config({"tags": {}, "params": logged}, make_config("dafl", "smoke", {"g_steps": 3}))
+    assert not same_config({"tags": {}, "params": {}}, config)
     tagged = {"tags": {"cell.config_hash": "0" * 16}, "params": logged}
-    assert not same_config(tagged, "dafl", "smoke", {})  # the tag, when present, decides
+    assert not same_config(tagged, config)  # the tag, when present, decides

@@ -1,5 +1,6 @@
 """The distillation loop and the distill CLI, end to end on tiny real-format data."""
 import json
+import math
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import torch
 
 from methods import list_methods
 from orchestrator import distill as distill_cli
-from orchestrator.cell import CellKey, CellRequest, run_cell
+from orchestrator.core.cell import CellKey, CellSpec, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -16,15 +17,19 @@ def env(tiny_mnist):
     return tiny_mnist
 
 
-def request(env, method, **kw):
+def spec(env, method, overrides=None):
     key = CellKey("mnist", "resnet8", "resnet8", method, 0, "smoke")
-    return CellRequest(key, kw.pop("overrides", {}), env / "runs", str(env / "data"), teacher_dir=env / "teachers",
-                       progress=False, **kw)
+    return CellSpec.build(key, overrides or {}, env / "teachers" / "mnist-resnet8.pt", str(env / "data"))
+
+
+def run_cell(env, method, overrides=None, **kw):
+    s = spec(env, method, overrides)
+    return run_in_process(s, env / "runs" / s.key.slug, log=lambda *_: None, **kw)
 
 
 @pytest.mark.parametrize("method", list_methods())
 def test_every_method_runs_a_cell(env, method):
-    result = run_cell(request(env, method), log=lambda *_: None)
+    result = run_cell(env, method)
     h = result.history
     assert h.status == "finished" and len(h.accuracy) == 1
     assert all(torch.isfinite(torch.tensor(v)).all() for v in h.losses.values())
@@ -34,43 +39,64 @@ def test_every_method_runs_a_cell(env, method):
         assert (result.cell_dir / name).exists()
 
 
-def test_resume_continues_after_last_epoch(env):
-    req = request(env, "dafl", overrides={"epochs": 2}, resume=False)
+def test_resume_continues_after_last_epoch_with_the_same_history(env):
+    whole = run_cell(env, "cmi", {"epochs": 3}, resume=False)
 
     def killed_after_first_epoch(epoch, metrics):
         raise KeyboardInterrupt  # as if the process died right after epoch 1's checkpoint
 
     with pytest.raises(KeyboardInterrupt):
-        run_cell(req, on_epoch=killed_after_first_epoch, log=lambda *_: None)
-    state = torch.load(req.cell_dir / "state.pt", weights_only=True)
-    assert len(state["history"]["accuracy"]) == 1
+        run_cell(env, "cmi", {"epochs": 3}, resume=False, on_epoch=killed_after_first_epoch)
+    state = torch.load(whole.cell_dir / "state.pt", weights_only=True)
+    assert len(state["histories"][0]["accuracy"]) == 1
     epochs_seen = []
-    req.resume = True
-    rerun = run_cell(req, on_epoch=lambda e, m: epochs_seen.append(e), log=lambda *_: None)
-    assert epochs_seen == [2]  # epoch 1 is not run again
-    assert rerun.history.epochs_done == 2 and rerun.history.status == "finished"
-    assert rerun.history.accuracy[0] == state["history"]["accuracy"][0]
+    rerun = run_cell(env, "cmi", {"epochs": 3}, on_epoch=lambda e, m: epochs_seen.append(e))
+    assert epochs_seen == [2, 3]  # epoch 1 is not run again
+    assert rerun.history.status == "finished"
+    # Random states are part of the checkpoint: the continued cell is the uninterrupted one.
+    assert rerun.history.accuracy == whole.history.accuracy
+    assert rerun.history.losses == whole.history.losses
+
+
+def test_warmup_epochs_only_synthesize(env):
+    """A method's warm-up epochs (Fast-DFKD, NAYER) run synthesis but no KD step."""
+    from orchestrator.core.cell import make_student
+
+    initial = make_student(spec(env, "dafl")).state_dict()
+    after_epoch = {}
+
+    def read_student(epoch, metrics):  # the checkpoint is written before on_epoch
+        state = torch.load(env / "runs" / spec(env, "dafl").key.slug / "state.pt", weights_only=True)
+        after_epoch[epoch] = state["strategy"]["trainers"][0]["student"]
+
+    h = run_cell(env, "dafl", {"epochs": 2, "warmup_epochs": 1}, resume=False, on_epoch=read_student).history
+    assert h.status == "finished" and h.epochs_done == 2
+    assert math.isnan(h.losses["kd/loss"][0]) and not math.isnan(h.losses["kd/loss"][1])
+    assert not math.isnan(h.losses["synth/total"][0]) and h.images_synthesized == [16, 32]
+    assert h.kd_seconds[0] == 0.0 and h.kd_seconds[1] > 0
+    assert all(torch.equal(initial[k], after_epoch[1][k]) for k in initial)  # no KD step in warm-up
+    assert not all(torch.equal(initial[k], after_epoch[2][k]) for k in initial)
 
 
 def test_nan_stops_the_cell_with_a_status(env):
     # An absurd learning rate makes the student diverge: the cell ends "failed", no crash.
-    result = run_cell(request(env, "dafl", overrides={"lr": 1e30}, resume=False), log=lambda *_: None)
-    assert result.history.status.startswith("failed: non-finite loss")
+    result = run_cell(env, "dafl", {"lr": 1e30}, resume=False)
+    assert result.history.status.startswith("failed: non-finite kd/loss in KD (epoch 1")
 
 
 def test_same_seed_same_result(env, tmp_path):
-    a = run_cell(request(env, "cmi", resume=False), log=lambda *_: None)
+    a = run_cell(env, "cmi", resume=False)
     sa = torch.load(a.cell_dir / "student.pt", weights_only=True)["state_dict"]
-    b = run_cell(request(env, "cmi", resume=False), log=lambda *_: None)
+    b = run_cell(env, "cmi", resume=False)
     sb = torch.load(b.cell_dir / "student.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_pool_export_and_seed(env, tmp_path):
-    pool = tmp_path / "pool"
-    run_cell(request(env, "deepinv", save_pool=pool, resume=False), log=lambda *_: None)
-    assert (pool / "pool.safetensors").exists()
-    result = run_cell(request(env, "deepinv", init_pool=pool, resume=False), log=lambda *_: None)
+def test_bank_export_and_seed(env, tmp_path):
+    bank = tmp_path / "bank"
+    run_cell(env, "deepinv", resume=False, save_bank_to=bank)
+    assert (bank / "bank.safetensors").exists()
+    result = run_cell(env, "deepinv", resume=False, init_bank=bank)
     assert result.history.status == "finished"
 
 
@@ -101,7 +127,7 @@ def test_bad_input_is_refused_before_anything_runs(argv, needle, tmp_path, capsy
 
 def test_teacher_with_wrong_channels_refused(env, tmp_path):
     from models import create_model
-    from orchestrator.checkpoints import save_classifier
+    from orchestrator.core.checkpoints import save_classifier
     ckpt = save_classifier(tmp_path / "t.pt", create_model("resnet8", 10),
                            {"dataset": "mnist", "arch": "resnet8", "num_classes": 10, "channels": 3,
                             "image_size": 32, "accuracy": 1.0})

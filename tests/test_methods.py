@@ -84,7 +84,13 @@ def test_registry_names_modules_and_citations():
         cls = get_method(name)
         assert cls.name == name
         assert cls.__module__ == f"methods.{name}"  # module name = registry name
-        assert cls.kind == ("inversion" if name in ("deepinv", "cmi") else "generator")
+        assert cls.paper and cls.optimizes and cls.kind  # the README's method table comes from these
+        cfg = make_config(name, "smoke")
+        images, features = cls.store_capacity(cfg)
+        if cls.fresh_kd_batches:  # a store for one round of fresh KD images
+            assert images == cfg.kd_steps * cfg.batch_size and features is None
+        else:  # a growing pool of kept batches
+            assert images is None
         assert re.search(r"(19|20)\d\d", cls.__doc__), f"{name} must cite its paper"
         assert set(cls.budgets) == {"smoke", "cpu"}
     with pytest.raises(UnknownMethodError, match="known methods: dafl, zskt"):
@@ -233,9 +239,9 @@ def test_cmi_memory_bank_fills(teacher, student):
     synth = create_synthesizer("cmi", teacher, student, cfg, SPEC)
     dim = sum(m.num_features for m in teacher.modules() if isinstance(m, nn.BatchNorm2d))
     for k in range(1, 4):
-        result = synth.synthesize()
+        synth.synthesize()
         assert synth.bank.num_features() == len(synth.bank) == k * cfg.synthesis_batch_size
-        assert result.features.shape == (cfg.synthesis_batch_size, 2 * dim)  # [local, global]
+        assert synth.bank.state_dict()["features"].shape == (k * cfg.synthesis_batch_size, 2 * dim)  # [local, global]
     assert synth.bank.negatives(5).shape == (5, 2 * dim)
 
 

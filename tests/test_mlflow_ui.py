@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.tracking import Tracker, cell_tags, check_tracking_uri, resolve_tracking_uri
+from orchestrator.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -60,10 +60,9 @@ def _populate(tracker: Tracker) -> tuple[str, dict[str, str]]:
     for method, name in CHILDREN.items():
         cell = dict(dataset="fashion-mnist", teacher="wrn16_2", student="wrn16_1",
                     method=method, seed=0, budget="smoke", mode="paper")
-        run = tracker.start_child(parent, name, tags=cell_tags(cell), params={"lr": 0.1})
+        run = tracker.start_child(parent, name, tags={f"cell.{k}": str(v) for k, v in cell.items()}, params={"lr": 0.1})
         for epoch in (1, 2, 3):
             tracker.log_metrics(run, {"acc": 0.2 * epoch, "loss/kd": 1.0 / epoch}, step=epoch)
-        tracker.log_text(run, f"# {method}\n", "notes.md")
         tracker.finish(run)
         children[method] = run
     tracker.finish(parent)

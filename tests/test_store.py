@@ -90,8 +90,7 @@ def test_add_sample_negatives_round_trip(store):
     assert len(set(ids.tolist())) == 64  # distinct within a call
     assert np.array_equal(x, images[ids])  # every row is bit-exactly an added image
 
-    x, y = ray.get(store.sample_with_labels.remote(40))
-    assert y.dtype == np.int64 and np.array_equal(x, images[ids_of(x)]) and np.array_equal(y, labels[ids_of(x)])
+    assert np.array_equal(state(store)["labels"], labels)
 
     more = ray.get(store.sample.remote(500))  # more than held: with replacement
     assert more.shape == (500, *SHAPE) and np.array_equal(more, images[ids_of(more)])
@@ -109,7 +108,7 @@ def test_add_sample_negatives_round_trip(store):
     stats = ray.get(store.stats.remote())
     assert (stats["images"], stats["features"]) == (150, 150)
     assert stats["adds"] - before["adds"] == 3 and stats["images_added"] - before["images_added"] == 150
-    assert stats["samples_served"] - before["samples_served"] == 64 + 40 + 500 + 5 * 32 + 3 * 8  # prefetches count
+    assert stats["samples_served"] - before["samples_served"] == 64 + 500 + 5 * 32 + 3 * 8  # prefetches count
     assert stats["bytes"] == images.nbytes + labels.nbytes + features.nbytes
 
 
@@ -136,8 +135,8 @@ def test_fifo_eviction_at_capacity(store):
     assert np.array_equal(ids_of(held["images"]), np.arange(20, 120))  # oldest 20 evicted
     assert np.array_equal(held["labels"], np.arange(20, 120) % 10)
     assert np.array_equal(held["features"][:, 0], np.arange(70, 120))  # its own FIFO
-    x, y = ray.get(store.sample_with_labels.remote(100))
-    assert sorted(ids_of(x).tolist()) == list(range(20, 120)) and np.array_equal(y, ids_of(x) % 10)
+    x = ray.get(store.sample.remote(100))
+    assert sorted(ids_of(x).tolist()) == list(range(20, 120))
     ray.get(store.add.remote(*batch(1000, 130)))  # one batch larger than the store
     assert np.array_equal(ids_of(state(store)["images"]), np.arange(1030, 1130))
 
@@ -248,7 +247,7 @@ def test_store_bank_feeds_real_synthesizers(store):
     assert len(bank) == 24 and bank.num_features() == 16
     neg = bank.negatives(4)
     assert neg.dtype == torch.float32 and neg.shape[0] == 4
-    images, labels = bank.sample_with_labels(5)
+    images, labels = bank.sample(5), bank.state_dict()["labels"]
     assert images.dtype == torch.uint8 and labels.dtype == torch.int64 and images.shape == (5, 3, 32, 32)
 
     # Cell checkpoints: StoreBank and InstanceBank state dicts are interchangeable.
@@ -264,19 +263,30 @@ def test_store_bank_feeds_real_synthesizers(store):
         bank.add(torch.zeros(2, 3, 32, 32))
 
 
+def stream_of(tiny_mnist, method: str, **overrides):
+    from orchestrator.core.cell import CellKey, CellSpec
+    from orchestrator.runtime.driver import Stream
+
+    key = CellKey("mnist", "resnet8", "resnet8", method, 0, "smoke", "paper")
+    return Stream([CellSpec.build(key, overrides, tiny_mnist / "teachers" / "mnist-resnet8.pt",
+                                  str(tiny_mnist / "data"))])
+
+
+def runner_of(stream, out, **kw):
+    from orchestrator.runtime.driver import Resources, StreamRunner
+
+    return StreamRunner(stream, out, Resources(cpus_per_actor=1.0, node_cpus=2), "cpu", log=lambda *_: None, **kw)
+
+
 def test_streams_reserve_all_their_actors_at_once(ray_local, tiny_mnist, tmp_path):
     """Two 2-actor streams on a 2-CPU Ray, both allowed to start: created one actor at a
     time, each stream could grab a synthesizer slot and wait forever for its trainer. With
     a placement group per stream the second waits for the first and both finish."""
     import threading
 
-    from orchestrator.runner import Resources, Stream, StreamRunner, run_streams
+    from orchestrator.runtime.driver import run_streams
 
-    runners = [StreamRunner(Stream("mnist", "resnet8", method, 0, "smoke", "paper", ["resnet8"]),
-                            str(tiny_mnist / "teachers" / "mnist-resnet8.pt"), tmp_path / method,
-                            Resources(cpus_per_actor=1.0, node_cpus=2), "cpu", data_root=str(tiny_mnist / "data"),
-                            log=lambda *_: None)
-               for method in ("dafl", "dfq")]
+    runners = [runner_of(stream_of(tiny_mnist, method), tmp_path / method) for method in ("dafl", "dfq")]
     result: list = []
     worker = threading.Thread(target=lambda: result.extend(run_streams(runners, max_concurrent=2)), daemon=True)
     worker.start()
@@ -286,3 +296,48 @@ def test_streams_reserve_all_their_actors_at_once(ray_local, tiny_mnist, tmp_pat
     assert all(o.history.status == "finished" for o in result), [o.history.status for o in result]
     assert ray.util.placement_group_table() and all(
         pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
+def test_a_killed_store_comes_back_from_its_snapshot_and_the_cell_finishes(ray_local, tiny_mnist, tmp_path):
+    """SIGKILL the stream's store in epoch 2 (of 3): Ray restarts it from the snapshot taken
+    at the end of epoch 1, the calls in flight are sent again, the cell finishes, and only
+    the batch added since that snapshot is lost."""
+    import os
+    import signal
+
+    runner = runner_of(stream_of(tiny_mnist, "deepinv", epochs=3), tmp_path)
+    killed, stats = [], {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "synthesis" and done == 3 and not killed:  # epoch 2's first batch is in the store
+            killed.append(ray.get(runner.strategy.store.stats.remote())["pid"])
+            os.kill(killed[0], signal.SIGKILL)
+
+    runner.progress = progress
+    runner.on_epoch = lambda key, epoch, m: stats.__setitem__(epoch, ray.get(runner.strategy.store.stats.remote()))
+    (result,) = runner.run()
+    assert result.history.status == "finished", result.history.status
+    assert result.history.images_synthesized[-1] == 48  # 6 rounds of 8 were synthesized ...
+    assert stats[1]["pid"] == killed[0] and stats[2]["pid"] != killed[0]
+    assert stats[2]["restored_from"] == str(result.cell_dir / "store" / SNAPSHOT_FILE)
+    assert stats[3]["images"] == 48 - 8  # ... and only the one batch added after the snapshot is lost
+    assert json.loads((result.cell_dir / "store" / META_FILE).read_text())["shapes"]["images"][0] == 40
+
+
+def test_a_stream_stopped_half_way_continues_from_its_last_epoch(ray_local, tiny_mnist, tmp_path):
+    """A bench stream interrupted after epoch 1 continues (resume=True) from epoch 2, and
+    ends with the history of an uninterrupted run: the state holds every actor's random
+    state, the store's snapshot its sampling state."""
+    import threading
+
+    whole = runner_of(stream_of(tiny_mnist, "cmi", epochs=3), tmp_path / "whole").run()[0]
+    stop = threading.Event()
+    first = runner_of(stream_of(tiny_mnist, "cmi", epochs=3), tmp_path / "cut",
+                      on_epoch=lambda key, epoch, m: stop.set()).run(stop)[0]
+    assert first.history.epochs_done == 1 and first.history.failed
+    seen = []
+    again = runner_of(stream_of(tiny_mnist, "cmi", epochs=3), tmp_path / "cut", resume=True,
+                      on_epoch=lambda key, epoch, m: seen.append(epoch)).run()[0]
+    assert seen == [2, 3] and again.history.status == "finished", (seen, again.history.status)
+    assert again.history.accuracy == whole.history.accuracy
+    assert again.history.losses == whole.history.losses

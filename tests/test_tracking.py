@@ -18,7 +18,6 @@ from orchestrator.tracking import (
     Tracker,
     TrackingError,
     cell_key,
-    cell_tags,
     check_tracking_uri,
     flatten_params,
     resolve_tracking_uri,
@@ -57,7 +56,7 @@ def store(tmp_path_factory):
                                       tags={"kind": "bench"})
         children = {}
         for method, status in (("dafl", "FINISHED"), ("cmi", "FINISHED"), ("zskt", "FAILED")):
-            run = tracker.start_child(parent, f"fmnist/{method}", tags=cell_tags(_cell(method)),
+            run = tracker.start_child(parent, f"fmnist/{method}", tags={f"cell.{k}": str(v) for k, v in _cell(method).items()},
                                       params=_config())
             for epoch in (1, 2, 3):
                 tracker.log_metrics(run, {"acc": 0.1 * epoch, "loss/kd": 1.0 / epoch,
@@ -67,7 +66,9 @@ def store(tmp_path_factory):
                                               else "NaN in loss"})
         dafl = children["dafl"]
         tracker.log_artifact(dafl, grid, "images")
-        tracker.log_text(dafl, "| a |\n|---|\n| 1 |\n", "table.md")
+        table = root / "table.md"
+        table.write_text("| a |\n|---|\n| 1 |\n")
+        tracker.log_artifact(dafl, table)
         tracker.log_table(dafl, pd.DataFrame({"method": ["dafl"], "acc": [0.3]}), "table.json")
         tracker.finish(parent)
     return dict(root=root, cwd=cwd, uri=uri, tracker=tracker, parent=parent, children=children)

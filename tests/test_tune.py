@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from methods import get_method, list_methods, make_config
 from orchestrator import tune
-from orchestrator.bench import method_overrides
+from orchestrator.cli import method_overrides
 from orchestrator.cli import run_cli
 
 # lr 1e30 makes the student's weights explode in the first KD step, so the next loss is
@@ -185,11 +185,11 @@ def test_a_restored_trial_keeps_its_own_state_when_it_is_newer(tmp_path):
     the two); the newer state must win, or that epoch runs and is reported twice."""
     import dataclasses
 
-    from orchestrator.loop import History, save_state
+    from orchestrator.core.loop import History, epochs_done, save_state
 
     def state_with(epochs: int, path: Path) -> Path:
         history = History(accuracy=[50.0] * epochs)
-        save_state(path, {"history": dataclasses.asdict(history), "marker": epochs})
+        save_state(path, {"histories": [dataclasses.asdict(history)], "marker": epochs})
         return path
 
     import torch
@@ -201,4 +201,4 @@ def test_a_restored_trial_keeps_its_own_state_when_it_is_newer(tmp_path):
     assert tune.restore_state(tune_ckpt, own) and torch.load(own, weights_only=True)["marker"] == 3
     missing = tmp_path / "fresh" / "state.pt"
     missing.parent.mkdir()
-    assert tune.restore_state(tune_ckpt, missing) and tune.epochs_done(missing) == 3
+    assert tune.restore_state(tune_ckpt, missing) and epochs_done(missing) == 3

@@ -23,6 +23,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -108,7 +109,9 @@ class Trainer:
         return {"loss": total / cfg.kd_steps}
 
     def end_epoch(self) -> float:
-        self.scheduler.step()
+        with warnings.catch_warnings():  # after a warm-up epoch no optimizer step came first, on purpose
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         return evaluate(self.student, self.eval_set, self.device)
 
     def state_dict(self) -> dict:
@@ -202,7 +205,7 @@ class _Means:
         self.counts: dict[str, int] = {}
 
     def add(self, terms: dict[str, float], prefix: str, where: str) -> None:
-        bad = [k for k, v in terms.items() if not math.isfinite(v)]
+        bad = [f"{prefix}{k}" for k, v in terms.items() if not math.isfinite(v)]
         if bad:
             raise NonFiniteLoss(f"non-finite {', '.join(bad)} in {where}")
         for key, value in terms.items():

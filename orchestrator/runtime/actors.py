@@ -36,8 +36,8 @@ def _from_numpy(state: dict) -> dict:
     return {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
 
 
-def _rng_state() -> np.ndarray:
-    return torch.get_rng_state().numpy()
+def _rng_state() -> torch.Tensor:
+    return torch.get_rng_state()  # a tensor: the state file loads with weights_only=True
 
 
 @ray.remote
@@ -81,7 +81,7 @@ class SynthesizerActor:
 
     def load_state(self, state: dict) -> None:
         self.synth.load_state_dict(state["synthesizer"])
-        torch.set_rng_state(torch.from_numpy(np.asarray(state["rng"])))
+        torch.set_rng_state(state["rng"])
 
     def grid(self, count: int = 64) -> torch.Tensor:
         return grid_images(self.synth, count)
@@ -121,7 +121,7 @@ class TrainerActor:
 
     def load_state(self, state: dict) -> None:
         self.trainer.load_state_dict(state["trainer"])
-        torch.set_rng_state(torch.from_numpy(np.asarray(state["rng"])))
+        torch.set_rng_state(state["rng"])
 
     def write_files(self, cell_dir: str, spec: CellSpec, history, grid) -> None:
         write_cell_files(Path(cell_dir), spec, history, self.trainer.student, grid)
