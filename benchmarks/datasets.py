@@ -9,7 +9,7 @@ and DataLoader workers than in a small network's forward pass. The largest set h
 (Tiny-ImageNet train, 100k x 3 x 64 x 64) is 1.2 GB as uint8, so every dataset fits,
 and crop/flip are applied to whole batches with one random draw per image.
 
-Lookup order for a dataset's files (DESIGN.md): `--data-root` (the folder itself or
+Lookup order for a dataset's files (README, Data): `--data-root` (the folder itself or
 `<root>/<dataset folder>`), then the environment variable DFKD_DATA, then well-known local
 copies (./data, ~/.cache/dfkd/data, Debian's /usr/share/datasets), then a download, but
 only when the caller asks for one (`download=True`).

@@ -2,8 +2,7 @@
 benchmark code's README, keyed like our results so a table can show them side by side."""
 from __future__ import annotations
 
-# Row names of the reference tables; our method registry names map onto them.
-METHOD_ROWS = {"dafl": "DAFL", "zskt": "ZSKT", "deepinv": "DeepInv", "dfq": "DFQ", "cmi": "CMI", "dfad": "DFAD"}
+# Rows are the tables' labels: a method's label is its class's `display` name (methods/).
 BASELINE_ROWS = ("T. Scratch", "S. Scratch")
 
 _PAIRS = [("resnet34", "resnet18"), ("vgg11", "resnet18"), ("wrn40_2", "wrn16_1"),
@@ -34,10 +33,6 @@ PUBLISHED: dict[str, dict[tuple[str, str], dict[str, float]]] = {
 }
 
 
-def row_name(method_or_baseline: str) -> str:
-    return METHOD_ROWS.get(method_or_baseline, method_or_baseline)
-
-
 def published(dataset: str, teacher: str, student: str, row: str) -> float | None:
     """The published number for a table row ("CMI", "T. Scratch", ...), or None."""
-    return PUBLISHED.get(dataset, {}).get((teacher, student), {}).get(row_name(row))
+    return PUBLISHED.get(dataset, {}).get((teacher, student), {}).get(row)

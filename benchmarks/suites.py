@@ -2,7 +2,7 @@
 (and scratch students) are trained."""
 from __future__ import annotations
 
-# The five pairs of the CMI paper's CIFAR tables (REFERENCE.md), resnet34 -> resnet18 at
+# The five pairs of the CMI paper's CIFAR tables (Fang et al., IJCAI 2021, Tables 1-2), resnet34 -> resnet18 at
 # 64x64 for Tiny-ImageNet, and one small pair for the 28x28 grey sets that a 2-core CPU
 # runs in minutes.
 SUITES: dict[str, list[tuple[str, str]]] = {
@@ -17,7 +17,7 @@ SUITES: dict[str, list[tuple[str, str]]] = {
 
 # Teacher-training recipe per dataset (SGD momentum 0.9, weight decay 5e-4, cosine).
 # CIFAR/Tiny follow the reference benchmark (200 epochs, lr 0.1, batch 128). Fashion-MNIST
-# gets what a 2-core CPU affords in 15 minutes (README, "Teachers"): 3 epochs with
+# gets what a 2-core CPU affords in 15 minutes (docs/results/teachers.md): 3 epochs with
 # progressive resizing (training.Recipe.sizes) and batch 64, which costs about what batch
 # 128 does per image here but takes twice the steps (92.03% against 91.46% at batch 128,
 # lr 0.2; lr 0.15 at batch 64: 91.66%).

@@ -1,7 +1,7 @@
 """The method table of the README, printed from the registry:  python -m methods
 
 A new method appears here (and, once pasted, in the README) from its own class
-attributes (`paper`, `kind`, `optimizes`); tests/test_registry_docs.py keeps the README
+attributes (`paper`, `kind`, `optimizes`); tests/test_registry.py keeps the README
 in step with this output.
 """
 from __future__ import annotations

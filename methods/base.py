@@ -34,7 +34,7 @@ class SynthesisResult:
 
 def place(module: nn.Module, device) -> nn.Module:
     """Moves a network to `device` in channels_last memory format: oneDNN's convolutions
-    run 1.3-2x faster in NHWC on the CPUs measured here (README, "Speed"), and CUDA's
+    run 1.3-2x faster in NHWC on the CPUs measured here (docs/results/teachers.md), and CUDA's
     tensor cores prefer it too. Inputs may stay NCHW; convolutions follow the weights."""
     return module.to(device=device, memory_format=torch.channels_last)
 
@@ -63,6 +63,7 @@ class Synthesizer(abc.ABC):
 
     name: ClassVar[str]  # set by @register
     kind: ClassVar[str]  # a label for tables and docs ("generator", "inversion"); never dispatched on
+    display: ClassVar[str] = ""  # its row label in result tables (set by @register: the name if empty)
     paper: ClassVar[str] = ""  # "Authors, venue year" for the README's method table
     optimizes: ClassVar[str] = ""  # one line: what the synthesis optimises
     Config: ClassVar[type[BaseConfig]]

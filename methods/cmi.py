@@ -86,6 +86,7 @@ class CMI(InversionSynthesizer):
     """
 
     Config = CMIConfig
+    display = "CMI"
     paper = "Fang et al., IJCAI 2021"
     optimizes = "BN, one-hot, agreement-masked adversarial KL, contrastive InfoNCE against a memory bank"
     budgets = inversion_budgets(cpu_g_steps=20, bank_size=64, n_neg=16)

@@ -27,6 +27,7 @@ class DAFL(GeneratorSynthesizer):
     """Chen et al., "Data-Free Learning of Student Networks", ICCV 2019."""
 
     Config = DAFLConfig
+    display = "DAFL"
     paper = "Chen et al., ICCV 2019"
     optimizes = "one-hot (teacher argmax), activation, class balance"
     SEARCH_SPACE = {

@@ -51,6 +51,7 @@ class DeepInv(InversionSynthesizer):
     """
 
     Config = DeepInvConfig
+    display = "DeepInv"
     paper = "Yin et al., CVPR 2020"
     optimizes = "BN statistics, one-hot, TV prior, adaptive JS competition"
     budgets = inversion_budgets(cpu_g_steps=50)

@@ -22,6 +22,7 @@ class DFAD(GeneratorSynthesizer):
     """Fang et al., "Data-Free Adversarial Distillation", arXiv:1912.11006, 2019."""
 
     Config = DFADConfig
+    display = "DFAD"
     paper = "Fang et al., arXiv 2019"
     optimizes = "adversarial L1 on logits"
     SEARCH_SPACE = {

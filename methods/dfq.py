@@ -30,6 +30,7 @@ class DFQ(GeneratorSynthesizer):
     Distillation", CVPR Workshops 2020."""
 
     Config = DFQConfig
+    display = "DFQ"
     paper = "Choi et al., CVPRW 2020"
     optimizes = "BN statistics, one-hot, adversarial KL, class balance"
     uses_bn_stats = True

@@ -23,6 +23,7 @@ class ZSKT(GeneratorSynthesizer):
     transfer term."""
 
     Config = ZSKTConfig
+    display = "ZSKT"
     paper = "Micaelli & Storkey, NeurIPS 2019"
     optimizes = "adversarial KL (student vs teacher)"
     SEARCH_SPACE = {

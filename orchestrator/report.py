@@ -2,7 +2,7 @@
 
 Rows are methods (and the T./S. Scratch baselines), columns are teacher->student pairs,
 entries are mean +- std over seeds of the final test accuracy, with the published number
-in brackets where REFERENCE.md has one. A failed cell shows as "failed".
+in brackets where the CMI paper has one (benchmarks/reference.py). A failed cell shows as "failed".
 """
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.reference import published, row_name
+from benchmarks.reference import published
+
+def row_name(method: str) -> str:
+    """A method's table label (its class's `display`); baselines keep their own label."""
+    from methods import get_method
+    from methods.registry import is_registered
+
+    return get_method(method).display if is_registered(method) else method
+
 
 # The long format: one row per (cell, metric).
 LONG_COLUMNS = ["dataset", "teacher", "student", "row", "method", "seed", "budget", "mode", "status",

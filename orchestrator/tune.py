@@ -185,10 +185,12 @@ def make_trainable(ctx: dict):
 
         device = "cuda" if ctx["gpus"] and torch.cuda.is_available() else "cpu"
         result = run_in_process(spec, cell_dir, device, on_epoch=on_epoch, log=lambda *_: None)
-        if result.history.status != "finished":
-            raise TrialFailed(result.history.status)
-        if last:
-            report(last)
+        history = result.history
+        if history.status != "finished":
+            raise TrialFailed(history.status)
+        if not last:  # interrupted after its last epoch's state, before reporting it: report it now
+            on_epoch(history.epochs_done, history.epoch_metrics(history.epochs_done - 1))
+        report(last)
 
     return trial
 

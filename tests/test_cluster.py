@@ -24,6 +24,7 @@ import pytest
 from orchestrator import tune
 from tests import test_bench, test_tune
 from tests.ray_head import HEAD_ENV, ROOT, ray_head
+from tests.test_registry import PLUGIN_ENV
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +67,19 @@ def table_row(table: str, method: str) -> list[str]:
 def test_bench_tables_match_mlflow_a_nan_cell_fails_alone_and_resume_starts_nothing(
         tiny_mnist, head, tmp_path, capsys):
     env, out = tiny_mnist, tmp_path / "out"
-    # dafl with an absurd learning rate diverges to NaN; cmi must still finish.
-    proc = test_bench.bench(env, out, "--methods", "dafl,cmi", "--set", "dafl.lr=1e30",
-                            "--address", head, extra_env=HEAD_ENV)
+    # dafl with an absurd learning rate diverges to NaN; cmi must still finish. A method
+    # registered outside methods/ (tests/throwaway_method.py) runs as a cell like any other.
+    proc = test_bench.bench(env, out, "--methods", "dafl,cmi,throwaway", "--set", "dafl.lr=1e30",
+                            "--address", head, extra_env={**HEAD_ENV, **PLUGIN_ENV})
     assert proc.returncode == 1, proc.stderr[-3000:]  # one cell failed
     assert "Connecting to existing Ray cluster" in proc.stderr
     assert "1 failed" in proc.stdout and "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
     client, all_runs = test_bench.runs(out)
     parents = [r for r in all_runs if r.data.tags.get("kind") == "bench"]
     children = [r for r in all_runs if "cell.method" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 2
+    assert len(parents) == 1 and len(children) == 3
     status = {c.data.tags["cell.method"]: c.info.status for c in children}
-    assert status == {"dafl": "FAILED", "cmi": "FINISHED"}
+    assert status == {"dafl": "FAILED", "cmi": "FINISHED", "throwaway": "FINISHED"}
     table = (out / "table_mnist.md").read_text()
     assert "failed" in table_row(table, "DAFL")[1]
     long = pd.read_csv(out / "results.csv")
@@ -95,7 +97,10 @@ def test_bench_tables_match_mlflow_a_nan_cell_fails_alone_and_resume_starts_noth
         assert f"{history[-1].value:.2f}" in table
     for name in ("results.csv", "table_mnist.md", "table_mnist.tex", "accuracy_mnist.png"):
         assert (out / name).exists()
-    assert {p.parent.name.split("_")[2] for p in (out / "cells").glob("*/grid.png")} >= {"cmi"}
+    assert {p.parent.name.split("_")[2] for p in (out / "cells").glob("*/grid.png")} >= {"cmi", "throwaway"}
+    assert table_row(table, "Throwaway")[1] not in ("", "failed")
+    for cell in (out / "cells").glob("*_cmi_*"):  # the stream's state and its store snapshot
+        assert (cell / "state.pt").exists() and (cell / "store" / "store.safetensors").exists()
 
     # Resume (no --address) of the finished cell: reused, so no Ray starts at all.
     again = test_bench.bench(env, out, "--methods", "cmi", "--resume")
@@ -103,7 +108,7 @@ def test_bench_tables_match_mlflow_a_nan_cell_fails_alone_and_resume_starts_noth
     assert "0 cells to run (1 finished earlier)" in again.stderr + again.stdout
     assert "Ray instance" not in again.stderr and "Ray cluster" not in again.stderr
     _, after = test_bench.runs(out)
-    assert len([r for r in after if "cell.method" in r.data.tags]) == 2  # no new cell run
+    assert len([r for r in after if "cell.method" in r.data.tags]) == 3  # no new cell run
     rebuilt = (out / "table_mnist.md").read_text()
     assert table_row(rebuilt, "CMI") == table_row(table, "CMI")  # the same numbers, rebuilt from MLflow
 

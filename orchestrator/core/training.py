@@ -47,7 +47,7 @@ class Recipe:
     `sizes` is progressive resizing: epoch i (for the first len(sizes) epochs) trains on the
     augmented batch resized to sizes[i] x sizes[i]. A 16x16 wrn16_2 step costs a quarter of
     a 32x32 one, so early, high-rate epochs at low resolution buy extra epochs (measured on
-    Fashion-MNIST: 16-24-32 px beats both 2x32 px and 16-16-16-32 px, README). The last
+    Fashion-MNIST: 16-24-32 px beats both 2x32 px and 16-16-16-32 px, docs/results/teachers.md). The last
     epoch always trains at the dataset's own size, so the final model is scored at that
     size (the classifiers pool adaptively: any input side works)."""
 

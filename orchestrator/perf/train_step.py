@@ -6,7 +6,7 @@
 Times full SGD steps (forward, cross-entropy, backward, update) on random batches in the
 layout training uses (channels_last), after a few warm-up steps, and prints images/s and
 the ratio to the first batch size of each side. This is the figure behind the
-Fashion-MNIST teacher recipe (README, "Teachers"): which batch sizes cost the same per
+Fashion-MNIST teacher recipe (docs/results/teachers.md): which batch sizes cost the same per
 image, and what a 16- or 24-pixel epoch costs against a 32-pixel one.
 """
 from __future__ import annotations

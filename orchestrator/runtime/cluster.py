@@ -41,13 +41,18 @@ def start_ray(address: str | None):
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Methods registered from outside methods/ (methods/registry.py) must register in every
+    # worker too: the variable travels with the job (the modules must import on every node).
+    plugins = os.environ.get("DFKD_METHOD_MODULES")
+    options = {"runtime_env": {"env_vars": {"DFKD_METHOD_MODULES": plugins}}} if plugins else {}
     try:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, **options)
         else:
             # "local": always a Ray of our own; a bare ray.init() would join (and fail on
             # num_cpus with) any cluster another user started on this machine with `ray start`.
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     **options)
     except Exception as exc:  # ConnectionError, a timed-out raylet, ...: one message, no traceback
         raise UsageError(f"cannot start or join Ray at {address or 'local'}: "
                          f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
