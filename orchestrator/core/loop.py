@@ -249,11 +249,9 @@ class RoundLoop:
     def restore(self) -> int:
         """Continues from `state_path` when it holds a state of this config; returns the
         epochs restored (0: starting fresh)."""
-        if not (self.state_path and self.state_path.exists()):
+        state = load_matching_state(self.state_path, self.config, self.n)
+        if state is None:
             return 0
-        state = torch.load(self.state_path, map_location="cpu", weights_only=True)
-        if state.get("config") != asdict(self.config) or len(state.get("histories", [])) != self.n:
-            return 0  # a different config under the same cell: start over
         self.strategy.load_state_dict(state["strategy"])
         self.histories = [History(**h) for h in state["histories"]]
         return min(h.epochs_done for h in self.histories)
@@ -320,6 +318,17 @@ class RoundLoop:
     def _fail(self, students: list[int], exc: Exception) -> None:
         for i in students:
             self.histories[i].status = f"failed: {exc}"
+
+
+def load_matching_state(path: str | Path | None, config, n_students: int) -> dict | None:
+    """The resume state at `path` if it was written under this config for as many
+    students; None otherwise (a different config under the same cell starts over)."""
+    if not (path and Path(path).exists()):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("config") != asdict(config) or len(state.get("histories", [])) != n_students:
+        return None
+    return state
 
 
 def rounds_per_epoch(config) -> int:

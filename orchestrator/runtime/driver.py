@@ -26,7 +26,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.core.cell import CellKey, CellResult, CellSpec, write_cell_files
-from orchestrator.core.loop import History, RoundLoop, RoundOutput, Strategy
+from orchestrator.core.loop import History, RoundLoop, RoundOutput, Strategy, load_matching_state
 from orchestrator.runtime.actors import SynthesizerActor, TrainerActor
 from orchestrator.runtime.store import create_store
 
@@ -149,7 +149,8 @@ class StreamRunner:
         """Runs (or continues) the stream; never raises: a failure marks its cells failed."""
         stream, specs = self.stream, self.stream.specs
         home = self.cell_dir(specs[0].key)  # the stream's state and store snapshot live here
-        if not self.resume:
+        if not (self.resume and load_matching_state(home / "state.pt", specs[0].config, len(specs))):
+            # Starting over: no state, and no snapshot a new store would restore itself from.
             (home / "state.pt").unlink(missing_ok=True)
             shutil.rmtree(home / STORE_DIR, ignore_errors=True)
         started = time.perf_counter()
