@@ -1,0 +1,38 @@
+"""Compare the per-epoch histories of two `scripts/history_snapshot.sh` outputs:
+accuracy, images synthesized, status and every loss term (to 1e-10).
+
+    python scripts/compare_histories.py /tmp/hist_old /tmp/hist_new
+"""
+import json
+import sys
+from pathlib import Path
+
+
+def load(root: Path) -> dict:
+    files = sorted(root.glob("bench/cells/*/history.json")) + sorted(root.glob("distill/*/history.json"))
+    return {str(f.relative_to(root)): json.loads(f.read_text()) for f in files}
+
+
+def same(a: dict, b: dict) -> bool:
+    rounded = lambda h: {k: [round(x, 10) for x in v] for k, v in h["losses"].items()}  # noqa: E731
+    return all(a[k] == b[k] for k in ("accuracy", "images_synthesized", "status")) and rounded(a) == rounded(b)
+
+
+def main() -> int:
+    old, new = load(Path(sys.argv[1])), load(Path(sys.argv[2]))
+    different = 0
+    for name in sorted(set(old) | set(new)):
+        if name not in old or name not in new:
+            print(f"MISSING {name} (only in {'old' if name in old else 'new'})")
+            different += 1
+            continue
+        ok = same(old[name], new[name])
+        different += not ok
+        print(f"{'SAME' if ok else 'DIFF'} {name}: accuracy {old[name]['accuracy']}"
+              + ("" if ok else f" -> {new[name]['accuracy']}"))
+    print(f"{len(old) - different} same, {different} different")
+    return 1 if different else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
