@@ -301,15 +301,22 @@ def load_split(name: str, split: str, data_root: str | Path | None = None, downl
     spec = get_dataset_spec(name)
     if split not in ("train", "test"):
         raise DatasetError(f"unknown split '{split}'; use train or test")
-    roots = search_roots(data_root)
-    looked = []
+    if data_root and not Path(data_root).is_dir() and not download:
+        raise DatasetError(f"--data-root {data_root} is not a folder")
+    # A root the user names is the only place looked: a copy elsewhere on the machine must
+    # never stand in for it silently (nor supply the split it lacks).
+    roots = [Path(data_root)] if data_root else search_roots(None)
+    looked, partial = [], []
     for folder in _candidates(spec, roots):
         looked.append(folder)
         if not folder.is_dir():
             continue
         try:
             images, labels = spec.reader(folder, split)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            if any(folder.iterdir()):  # a folder with some files: say which one it lacks
+                missing = exc.filename or (exc.args[0] if exc.args else "a file")
+                partial.append(f"{folder} lacks {Path(str(missing)).relative_to(folder) if str(missing).startswith(str(folder)) else missing}")
             continue
         return _checked(ImageSet(torch.from_numpy(images), torch.from_numpy(labels), spec, folder))
     if download:
@@ -321,8 +328,9 @@ def load_split(name: str, split: str, data_root: str | Path | None = None, downl
             raise DatasetError(f"downloading {name} into {target} failed: {exc}") from exc
         return load_split(name, split, target, download=False)
     where = ", ".join(str(p) for p in dict.fromkeys(looked))
+    lacking = f" ({'; '.join(dict.fromkeys(partial))})" if partial else ""
     raise DatasetError(
-        f"dataset '{name}' ({split}) not found; looked in: {where}. "
+        f"dataset '{name}' ({split}) not found{lacking}; looked in: {where}. "
         f"Get {spec.how_to_get} and pass --data-root DIR, or pass --download.")
 
 

@@ -128,8 +128,44 @@ class CMI(InversionSynthesizer):
                              f"gives {2 * self.feature_dim} ([local, global])")
         return cached.chunk(2, dim=1)
 
+    # One teacher pass over both views concatenated (statistics from the global view only,
+    # features from both): the same terms and gradients as two passes, in less time
+    # (tests/test_methods.py checks them to 1e-5; perf.step measures both).
+    fused_views = True
+
+    def loss_terms(self, images: torch.Tensor, targets: torch.Tensor, hooks: BatchNormHooks):
+        """CMI's terms for one batch of generated images: (terms, local features, global
+        features). Draws the two augmented views, then the memory bank's negatives."""
+        spec, n = self.spec, len(images)
+        global_view = spec.normalize(crop_and_flip(images))
+        local_view = spec.normalize(resized_crop_and_flip(images))
+        if self.fused_views:
+            hooks.views(n)  # before the pass: statistics from the global view only
+            t_logits = self.teacher(torch.cat([global_view, local_view]))[:n]
+            bn = hooks.bn_loss()
+            global_feat, local_feat = hooks.features().split(n)
+        else:  # the plain per-view computation
+            hooks.views(None)
+            t_logits = self.teacher(global_view)
+            bn, global_feat = hooks.bn_loss(), hooks.features()
+            hooks.want_stats = False  # the local view's batch statistics are never read
+            self.teacher(local_view)
+            hooks.want_stats, local_feat = True, hooks.features()
+        terms = {"bn": bn, "oh": F.cross_entropy(t_logits, targets)}
+        if self.uses_student:
+            s_logits = self.student(global_view)
+            # Only where student and teacher agree: push the student away from the teacher
+            # without changing which class the image shows.
+            agree = (s_logits.argmax(1) == t_logits.argmax(1)).float()
+            kl = kl_div(s_logits, t_logits, ADV_TEMPERATURE, reduction="per_sample")
+            terms["adv"] = -(kl * agree).mean()
+        cached_local, cached_global = self.cached_features()
+        terms["cr"] = contrastive_loss(self.head, local_feat, global_feat, cached_local, cached_global,
+                                       self.config.cr_T)
+        return terms, local_feat, global_feat
+
     def synthesize(self) -> SynthesisResult:
-        cfg, spec = self.config, self.spec
+        cfg = self.config
         self.teacher.eval()
         targets = self.random_targets()
         # A new starting point for every batch: fresh generator weights and latent code.
@@ -144,23 +180,7 @@ class CMI(InversionSynthesizer):
         with BatchNormHooks(self.teacher) as hooks, eval_mode(self.student):
             for _ in range(cfg.g_steps):
                 images = self.generator(z)
-                global_view = spec.normalize(crop_and_flip(images))
-                local_view = spec.normalize(resized_crop_and_flip(images))
-                t_logits = self.teacher(global_view)
-                terms = {"bn": hooks.bn_loss(), "oh": F.cross_entropy(t_logits, targets)}
-                global_feat = hooks.features()
-                if self.uses_student:
-                    s_logits = self.student(global_view)
-                    # Only where student and teacher agree: push the student away from the
-                    # teacher without changing which class the image shows.
-                    agree = (s_logits.argmax(1) == t_logits.argmax(1)).float()
-                    kl = kl_div(s_logits, t_logits, ADV_TEMPERATURE, reduction="per_sample")
-                    terms["adv"] = -(kl * agree).mean()
-                self.teacher(local_view)
-                local_feat = hooks.features()
-                cached_local, cached_global = self.cached_features()
-                terms["cr"] = contrastive_loss(self.head, local_feat, global_feat,
-                                               cached_local, cached_global, cfg.cr_T)
+                terms, local_feat, global_feat = self.loss_terms(images, targets, hooks)
                 total = self.weighted_total(terms)
                 loss = float(total.detach())
                 if best is None or is_better(loss, best_loss):

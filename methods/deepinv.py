@@ -74,7 +74,7 @@ class DeepInv(InversionSynthesizer):
         low = spec.normalize(torch.zeros(1, spec.channels, 1, 1, device=self.device))
         high = spec.normalize(torch.ones(1, spec.channels, 1, 1, device=self.device))
         best, best_loss, best_report = None, math.inf, None
-        with BatchNormHooks(self.teacher) as hooks, eval_mode(self.student):
+        with BatchNormHooks(self.teacher, features=False) as hooks, eval_mode(self.student):
             for _ in range(cfg.g_steps):
                 x_aug = jitter_and_flip(x, cfg.jitter)
                 t_logits = self.teacher(x_aug)

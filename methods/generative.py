@@ -71,7 +71,7 @@ class GeneratorSynthesizer(Synthesizer):
         self.teacher.eval()
         self.generator.train()
         params = list(self.generator.parameters())
-        hooks_ctx = BatchNormHooks(self.teacher) if self.uses_bn_stats else nullcontext()
+        hooks_ctx = BatchNormHooks(self.teacher, features=False) if self.uses_bn_stats else nullcontext()
         with hooks_ctx as hooks, eval_mode(self.student):
             for _ in range(cfg.g_steps):
                 z = torch.randn(cfg.synthesis_batch_size, cfg.latent_dim, device=self.device)

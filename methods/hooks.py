@@ -4,6 +4,13 @@ DeepInversion's BN prior and CMI's contrastive features both read the input of e
 BatchNorm2d. The hooks live only inside a `with BatchNormHooks(teacher) as hooks:` block,
 so the KD steps of the loop (and other synthesizers sharing the teacher) pay nothing.
 They only read: the teacher stays in eval mode and its running statistics never change.
+
+A hook computes only what its method reads (`stats` and/or `features`). A method can also
+send several views of its images through the teacher as one concatenated batch
+(`hooks.views(n_first)`): in eval mode every image's path through the teacher is
+independent of the others, so the outputs equal separate passes, and the hook takes the
+batch statistics of the first view only and the instance features of every image. One
+pass of 2B images costs less than two passes of B.
 """
 from __future__ import annotations
 
@@ -15,33 +22,44 @@ from .losses import bn_loss
 
 class BatchNormStatsHook:
     """Records, for the last forward through one BatchNorm2d, the distance of the batch
-    statistics of its input to the layer's running statistics (DeepInversion's
-    R_feature) and the per-sample channel means (CMI's instance features)."""
+    statistics of its input (the first `owner.first` images) to the layer's running
+    statistics (DeepInversion's R_feature), and the per-image channel means (CMI's
+    instance features)."""
 
-    def __init__(self, module: nn.BatchNorm2d):
-        self.module = module
+    def __init__(self, module: nn.BatchNorm2d, owner: "BatchNormHooks"):
+        self.module, self.owner = module, owner
         self.r_feature: torch.Tensor | None = None
         self.instance_mean: torch.Tensor | None = None
         self._handle = module.register_forward_hook(self._record)
 
     def _record(self, module: nn.BatchNorm2d, inputs, output) -> None:
         x = inputs[0]
-        mean = x.mean(dim=(0, 2, 3))
-        # Biased variance: the normalisation a BN layer applies in training mode.
-        var = x.var(dim=(0, 2, 3), unbiased=False)
-        self.r_feature = (torch.linalg.vector_norm(mean - module.running_mean)
-                          + torch.linalg.vector_norm(var - module.running_var))
-        self.instance_mean = x.mean(dim=(2, 3))
+        owner = self.owner
+        self.instance_mean = x.mean(dim=(2, 3)) if owner.want_features else None
+        if owner.want_stats:
+            view = x if owner.first is None else x[:owner.first]
+            # The batch mean is the mean of the instance means when those are computed anyway.
+            mean = self.instance_mean[:len(view)].mean(0) if self.instance_mean is not None else view.mean(dim=(0, 2, 3))
+            # Biased variance: the normalisation a BN layer applies in training mode.
+            var = view.var(dim=(0, 2, 3), unbiased=False)
+            self.r_feature = (torch.linalg.vector_norm(mean - module.running_mean)
+                              + torch.linalg.vector_norm(var - module.running_var))
+        else:
+            self.r_feature = None
 
     def remove(self) -> None:
         self._handle.remove()
 
 
 class BatchNormHooks:
-    """One `BatchNormStatsHook` per BatchNorm2d of `model`, in module order."""
+    """One `BatchNormStatsHook` per BatchNorm2d of `model`, in module order.
 
-    def __init__(self, model: nn.Module):
-        self.hooks = [BatchNormStatsHook(m) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    `stats`: compute the BN-statistics loss; `features`: the instance means."""
+
+    def __init__(self, model: nn.Module, stats: bool = True, features: bool = True):
+        self.want_stats, self.want_features = stats, features
+        self.first: int | None = None  # batch statistics over the first `first` images only
+        self.hooks = [BatchNormStatsHook(m, self) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self.hooks:
             raise ValueError("the teacher has no BatchNorm2d layer to read statistics from")
 
@@ -56,6 +74,12 @@ class BatchNormHooks:
 
     def __len__(self) -> int:
         return len(self.hooks)
+
+    def views(self, first: int | None) -> "BatchNormHooks":
+        """The next forwards carry concatenated views: statistics over the first `first`
+        images (None: over the whole batch)."""
+        self.first = first
+        return self
 
     def remove(self) -> None:
         for h in self.hooks:

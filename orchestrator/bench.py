@@ -27,11 +27,12 @@ from tqdm import tqdm
 
 from benchmarks.datasets import get_dataset_spec, list_datasets, load_split
 from methods import BUDGETS, get_method, list_methods
-from orchestrator.cli import (ArgumentParser, UsageError, check_writable, method_overrides, parse_pairs, parse_sets,
-                              run_cli, split_list)
+from orchestrator.cli import (ArgumentParser, OutLock, UsageError, check_writable, method_overrides, parse_pairs,
+                              parse_sets, run_cli, split_list)
 from orchestrator.core.cell import CellKey, CellResult, CellSpec, check_cell
 from orchestrator.core.classifiers import DEFAULT_DIR as DEFAULT_TEACHER_DIR
-from orchestrator.core.classifiers import checkpoint_path
+from orchestrator.core.classifiers import checkpoint_path, find_checkpoint
+from orchestrator.core.provenance import cell_provenance
 from orchestrator.report import bench_tables
 from orchestrator.tracking import Tracker, cell_key, check_tracking_uri, flatten_params, resolve_tracking_uri
 
@@ -116,7 +117,7 @@ def make_plan(args) -> Plan:
     for d in datasets:
         data_dirs[d] = str(load_split(d, "test", args.data_root, args.download).source.resolve())
         archs = {a for pair in pairs[d] for a in (pair if args.baselines else pair[:1])}
-        if any(not checkpoint_path(teacher_dir, d, a).exists() for a in archs):
+        if any(find_checkpoint(teacher_dir, d, a, log=tqdm.write) is None for a in sorted(archs)):
             load_split(d, "train", data_dirs[d])  # a classifier will train on it: fail now, not in Ray
     specs = [CellSpec.build(CellKey(d, t, s, m, seed, args.budget, args.mode), overrides[m],
                             checkpoint_path(teacher_dir, d, t), data_dirs[d])
@@ -169,16 +170,19 @@ class BenchRecorder:
     """One MLflow parent run per bench and a child per cell (a continued cell's child gets
     its restored epochs too); every MLflow write under one lock (SQLite: one writer)."""
 
-    def __init__(self, tracker: Tracker, argv: str, args, log):
+    def __init__(self, tracker: Tracker, argv: str, args, out: Path, log):
         self.tracker, self.log, self.lock, self.run_ids = tracker, log, threading.Lock(), {}
-        self.parent = tracker.start_parent(f"bench-{time.strftime('%Y%m%d-%H%M%S')}", tags={"kind": "bench"}, params={
+        self.out = str(out)  # tags every run, so a resume can close the runs a dead bench left open
+        self.parent = tracker.start_parent(f"bench-{time.strftime('%Y%m%d-%H%M%S')}",
+                                           tags={"kind": "bench", "bench.out": self.out}, params={
             "methods": args.methods, "datasets": args.datasets, "seeds": args.seeds, "budget": args.budget,
             "mode": args.mode, "argv": argv or "(defaults)"})
         self.bar = None
 
     def cell_started(self, spec: CellSpec, history) -> str:
         with self.lock:
-            tags = {**spec.key.tags(), "cell.config_hash": config_hash(spec.config)}
+            tags = {**spec.key.tags(), "cell.config_hash": config_hash(spec.config), **cell_provenance(spec),
+                    "bench.out": self.out}
             run_id = self.run_ids[spec.key] = self.tracker.start_child(self.parent, spec.key.slug, tags=tags,
                                                                        params=spec.config_dict())
             for epoch in range(history.epochs_done):
@@ -202,9 +206,9 @@ class BenchRecorder:
                 for name in ("history.json", "config.json", "grid.png", "student.pt"):
                     if (result.cell_dir / name).exists():
                         self.tracker.log_artifact(result.run_id, result.cell_dir / name)
-                self.tracker.finish(result.run_id, "FINISHED" if status == "finished" else "FAILED",
+                self.tracker.finish(result.run_id, {"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"),
                                     tags={"status": status})
-        if self.bar is not None:
+        if self.bar is not None and status != "interrupted":  # an interrupted cell is not done
             self.bar.update(1)
         self.log(f"[{result.key.slug}] {status}: {summary['accuracy']:.2f}% in {result.wall_seconds:.0f}s")
 
@@ -227,7 +231,8 @@ def prepare_ray(plan: Plan, streams: list, args, log):
                 for d in plan.datasets for teacher, _ in plan.pairs[d])
     sizing = plan_resources(ray, args.device, args.gpus_per_cell, args.cpus_per_actor, n_max)
     if missing:
-        metas.update(train_classifiers(ray, missing, plan.teacher_dir, plan.data_dirs, sizing[2], log))
+        metas.update(train_classifiers(ray, missing, plan.teacher_dir, plan.data_dirs, sizing[2], log,
+                                       in_driver=not args.address))
     return ray, metas, sizing
 
 
@@ -255,15 +260,28 @@ def main(argv=None) -> int:
     tracker = Tracker(plan.uri, args.experiment, artifact_root=plan.out / "mlartifacts") if args.resume else None
     finished = tracker.finished_cells() if tracker else {}
     streams, reused = split_streams(plan, args.mode, finished)
-    n_cells = sum(len(s.specs) for s in streams)
-    print(f"{n_cells} cells to run ({len(reused)} finished earlier), {len(streams)} streams", flush=True)
+    print(f"{sum(len(s.specs) for s in streams)} cells to run ({len(reused)} finished earlier), {len(streams)} streams",
+          flush=True)
     if args.dry_run:
         print("\n".join([f"  run    {s.key.slug}" for st in streams for s in st.specs] +
                         [f"  reuse  {s.key.slug}" for s in reused]))
         return 0
+    with OutLock(plan.out, "bench", log):
+        results, reused, tracker = run_bench(plan, args, streams, reused, finished, tracker, log)
+    failed = [r for r in results if r.history.status != "finished"]
+    print(f"{len(results)} cells run, {len(failed)} failed, {len(reused)} reused; results in {plan.out}\n"
+          f"browse the runs: {tracker.ui_command()}")
+    return 1 if failed else 0
+
+
+def run_bench(plan: Plan, args, streams: list, reused: list, finished: dict, tracker, log):
+    """Everything after the plan, under the output folder's lock: Ray, the cells, the
+    tables, the MLflow parent run (closed on every way out)."""
     ray, metas, sizing = prepare_ray(plan, streams, args, log)
     tracker = tracker or Tracker(plan.uri, args.experiment, artifact_root=plan.out / "mlartifacts")
-    recorder = BenchRecorder(tracker, " ".join(sys.argv[1:]), args, log)
+    if args.resume and (closed := tracker.close_abandoned("bench.out", str(plan.out))):
+        log(f"marked {closed} run(s) KILLED that a bench which died had left RUNNING")
+    recorder = BenchRecorder(tracker, " ".join(sys.argv[1:]), args, plan.out, log)
     log(f"MLflow: {plan.uri}" + (f"; {sizing[1]} streams at a time" if sizing else ""))
     started = time.perf_counter()
     try:
@@ -280,10 +298,8 @@ def main(argv=None) -> int:
             ray.shutdown()
     for d in plan.datasets:
         print("\n" + paths[f"md_{d}"].read_text() if f"md_{d}" in paths else "")
-    failed = [r for r in results if r.history.status != "finished"]
-    print(f"{len(results)} cells run in {time.perf_counter() - started:.0f}s, {len(failed)} failed, "
-          f"{len(reused)} reused; results in {plan.out}\nbrowse the runs: {tracker.ui_command()}")
-    return 1 if failed else 0
+    print(f"bench wall time {time.perf_counter() - started:.0f}s")
+    return results, reused, tracker
 
 
 if __name__ == "__main__":

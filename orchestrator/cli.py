@@ -85,9 +85,12 @@ def parse_sets(items: list[str] | None) -> dict[str, str]:
 
 
 def split_list(text: str, what: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
+    """`a,b,c` -> [a, b, c] (duplicates dropped); an empty item is a typo, refused."""
+    items = [x.strip() for x in text.split(",")]
+    if not any(items):
         raise UsageError(f"--{what} is empty")
+    if not all(items):
+        raise UsageError(f"--{what} {text!r} has an empty item (two commas, or one at an end)")
     return list(dict.fromkeys(items))
 
 
@@ -159,3 +162,65 @@ def resolve_teacher(dataset: str, arch: str, teacher_dir: str | Path, teacher_ck
         return Path(teacher_ckpt).resolve()
     get_classifier(dataset, arch, out=teacher_dir, **train_options)
     return checkpoint_path(Path(teacher_dir), dataset, arch).resolve()
+
+
+class OutLock:
+    """One writer per output folder: `<out>/.lock` holds the owner's PID and host. A second
+    run on the same folder refuses at once, naming the first; a lock whose process is gone
+    (killed, crashed) is taken over, with a message."""
+
+    def __init__(self, out: Path, what: str, log=print):
+        self.path, self.what, self.log = Path(out) / ".lock", what, log
+
+    def __enter__(self) -> "OutLock":
+        import os
+        import socket
+        import time
+
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "argv": " ".join(sys.argv)}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner and self._alive(owner):
+                    raise UsageError(f"another {self.what} (pid {owner['pid']} on {owner['host']}, started "
+                                     f"{owner['started']}) is writing to {self.path.parent}; wait for it to end or "
+                                     f"use another --out") from None
+                self.log(f"taking over the lock of a {self.what} that is gone "
+                         f"(pid {owner.get('pid') if owner else '?'}): {self.path}")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            return self
+        raise UsageError(f"cannot take the lock {self.path}: another run keeps taking it")
+
+    def _owner(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _alive(owner: dict) -> bool:
+        import os
+        import socket
+
+        if owner.get("host") != socket.gethostname():
+            return True  # another machine's process: cannot be checked from here, so it counts
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return True
+        return True
+
+    def __exit__(self, *exc) -> None:
+        owner = self._owner()
+        import os
+
+        if owner and owner.get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)

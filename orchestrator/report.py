@@ -70,8 +70,8 @@ def accuracy_table(long: pd.DataFrame, dataset: str, row_order: list[str]) -> pd
 
 
 COST_METRICS = {"accuracy": "student %", "teacher_accuracy": "teacher %", "synthesis_seconds": "synthesis s",
-                "kd_seconds": "KD s", "images_synthesized": "images", "synthesis_images_per_second": "img/s",
-                "wall_seconds": "wall s"}
+                "kd_seconds": "KD s", "eval_seconds": "eval s", "startup_seconds": "start s",
+                "images_synthesized": "images", "synthesis_images_per_second": "img/s", "wall_seconds": "wall s"}
 
 
 def cost_table(long: pd.DataFrame, dataset: str, row_order: list[str]) -> pd.DataFrame:

@@ -383,6 +383,18 @@ class Tracker:
 
     # -- resume
 
+    def close_abandoned(self, tag: str, value: str) -> int:
+        """Marks KILLED the runs still RUNNING whose `tag` is `value`: runs a dead driver left
+        open (the caller holds the lock that proves no live driver owns them). Returns how many."""
+        from mlflow.entities import ViewType
+        with self._lock:
+            runs = self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                           run_view_type=ViewType.ACTIVE_ONLY, max_results=self.page_size)
+        stale = [r for r in runs if r.data.tags.get(tag) == value]
+        for run in stale:
+            self.finish(run.info.run_id, "KILLED", tags={"status": "abandoned: its driver died"})
+        return len(stale)
+
     def finished_cells(self, tag_prefix: str = "cell.") -> dict[tuple, dict]:
         """FINISHED runs of this experiment that carry cell tags, keyed by the cell tuple
         (tag values in CELL_FIELDS order, None when a tag is missing; see `cell_key`).

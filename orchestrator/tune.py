@@ -32,8 +32,9 @@ from methods import BUDGETS, get_method, list_methods, make_config
 from orchestrator.cli import (ArgumentParser, UsageError, add_data_args, check_writable, parse_pairs, parse_sets,
                               run_cli)
 from orchestrator.core.cell import CellKey, CellSpec, check_cell, run_in_process
-from orchestrator.core.classifiers import checkpoint_path
+from orchestrator.core.classifiers import checkpoint_path, find_checkpoint
 from orchestrator.core.loop import epochs_done
+from orchestrator.core.provenance import code_version
 from orchestrator.runtime.cluster import check_address, start_ray, train_classifiers
 from orchestrator.search_space import check_space, load_space, space_json, to_tune
 from orchestrator.tracking import Tracker, check_tracking_uri, resolve_tracking_uri
@@ -301,7 +302,7 @@ def open_search(p: dict, args, tracker: Tracker) -> str:
     --resume); returns the parent run id."""
     key, record = p["key"], p["record"]
     if not (args.resume and record.exists()):
-        parent = tracker.start_parent(p["name"], tags={"kind": "tune", **key.tags()}, params={
+        parent = tracker.start_parent(p["name"], tags={"kind": "tune", **key.tags(), **code_version()}, params={
             "method": key.method, "dataset": key.dataset, "pair": f"{key.teacher}:{key.student}",
             "budget": key.budget, "num_samples": p["num_samples"], "space": space_json(p["space"]),
             "fixed": json.dumps(p["fixed"]), "metric": p["metric"], "mode": p["mode"], "seed": args.seed})
@@ -361,7 +362,7 @@ def main(argv=None) -> int:
     if owned:
         start_ray(args.address)
     try:
-        if not checkpoint_path(Path(args.teacher_dir).resolve(), key.dataset, key.teacher).exists():
+        if find_checkpoint(Path(args.teacher_dir).resolve(), key.dataset, key.teacher) is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"  # trained once here, not by each trial
             train_classifiers(ray, [(key.dataset, key.teacher)], args.teacher_dir, {key.dataset: p["data_root"]},
                               device, print)

@@ -38,6 +38,9 @@ def runs(out):
     (["--pairs", "resnet8-resnet8"], "teacher:student"),
     (["--pairs", "resnet8:resnet1000"], "resnet1000"),
     (["--set", "nosuch=1"], "no method"),
+    (["--methods", "dafl,,cmi"], "empty item"),
+    (["--seeds", "0,-1"], "seeds must be >= 0"),
+    (["--data-root", "/nonexistent/data"], "is not a folder"),
     (["--address", "127.0.0.1:9"], "no Ray cluster"),
     (["--tracking-uri", "http://127.0.0.1:9"], "MLflow"),
 ])
@@ -80,3 +83,26 @@ def test_runs_without_the_hash_tag_are_matched_by_their_logged_params():
     assert not same_config({"tags": {}, "params": {}}, config)
     tagged = {"tags": {"cell.config_hash": "0" * 16}, "params": logged}
     assert not same_config(tagged, config)  # the tag, when present, decides
+
+
+def test_one_bench_per_output_folder(tmp_path):
+    """A second bench on the same --out refuses at once, naming the first; the lock of a
+    bench that is gone is taken over with a message."""
+    import json
+
+    from orchestrator.cli import OutLock, UsageError
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = tmp_path / ".lock"
+        lock.write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "started": "earlier"}))
+        with pytest.raises(UsageError, match=f"another bench \\(pid {sleeper.pid}"):
+            with OutLock(tmp_path, "bench"):
+                pass
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    said = []
+    with OutLock(tmp_path, "bench", log=said.append):  # its owner is gone now
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "taking over" in said[0] and not lock.exists()

@@ -102,10 +102,34 @@ def test_tiny_imagenet_folder_layout(tmp_path):
 def test_missing_dataset_names_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError) as err:
-        load_split("cifar10", "train", tmp_path / "nowhere")
+        load_split("cifar10", "train", tmp_path / "empty")
     message = str(err.value)
-    assert "nowhere" in message and "--data-root" in message and "--download" in message
+    assert "empty" in message and "--data-root" in message and "--download" in message
+
+
+def test_a_data_root_that_does_not_exist_is_refused(tmp_path):
+    with pytest.raises(DatasetError, match="--data-root .*nowhere is not a folder"):
+        load_split("fashion-mnist", "test", tmp_path / "nowhere")
+
+
+def test_a_named_root_is_never_completed_from_another_copy(tmp_path):
+    """A root holding only the test files: the train split is refused, naming the missing
+    file, even where a full copy exists elsewhere on the machine (Debian's, here)."""
+    folder = make_mnist_like(tmp_path / "fashion-mnist")
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (folder / name).unlink()
+    assert load_split("fashion-mnist", "test", tmp_path).source == folder
+    with pytest.raises(DatasetError, match="lacks train-images-idx3-ubyte"):
+        load_split("fashion-mnist", "train", tmp_path)
+
+
+def test_tiny_imagenet_without_val_annotations_names_the_file(tmp_path):
+    make_tiny(tmp_path / "tiny-imagenet-200")
+    (tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt").unlink()
+    with pytest.raises(DatasetError, match="lacks val/val_annotations.txt"):
+        load_split("tiny", "test", tmp_path)
 
 
 def test_unknown_dataset_lists_valid_names():

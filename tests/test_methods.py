@@ -245,6 +245,47 @@ def test_cmi_memory_bank_fills(teacher, student):
     assert synth.bank.negatives(5).shape == (5, 2 * dim)
 
 
+def test_cmi_fused_views_match_the_plain_per_view_computation(teacher, student):
+    """CMI's fast path (one teacher pass over both views, statistics from the global view)
+    gives every loss term and every gradient of the plain two-pass computation, to 1e-5."""
+    cfg = make_config("cmi", "smoke", {"adv": 0.5})
+    synth = create_synthesizer("cmi", teacher, student, cfg, SPEC)
+    synth.synthesize()  # a non-empty memory bank, so the cached negatives take part too
+    z = torch.randn(cfg.synthesis_batch_size, cfg.latent_dim, requires_grad=True)
+    targets = torch.arange(cfg.synthesis_batch_size) % 10
+    params = [*synth.generator.parameters(), z, *synth.head.parameters()]
+    results = {}
+    for fused in (False, True):
+        synth.fused_views = fused
+        torch.manual_seed(1)  # the same augmentation draws and negatives on both paths
+        with BatchNormHooks(teacher) as hooks:
+            terms, local_feat, global_feat = synth.loss_terms(synth.generator(z), targets, hooks)
+            grads = torch.autograd.grad(synth.weighted_total(terms), params)
+        results[fused] = (terms, local_feat, global_feat, grads)
+    (plain, *plain_rest), (fast, *fast_rest) = results[False], results[True]
+    assert set(plain) == set(fast) == {"bn", "oh", "adv", "cr"}
+    for name in plain:
+        assert torch.allclose(plain[name], fast[name], rtol=1e-5, atol=1e-5), name
+    for a, b in zip(plain_rest[:2], fast_rest[:2]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(plain_rest[2], fast_rest[2]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_compute_only_what_is_read_and_split_views(teacher):
+    x = SPEC.normalize(smooth_images(8))
+    with BatchNormHooks(teacher, features=False) as stats_only, torch.no_grad():
+        teacher(x[:4])
+        assert all(h.instance_mean is None for h in stats_only) and stats_only.bn_loss() > 0
+        expected = stats_only.bn_loss()
+        stats_only.views(4)
+        teacher(x)  # statistics over the first view only
+        assert torch.allclose(stats_only.bn_loss(), expected, atol=1e-5)
+    with BatchNormHooks(teacher, stats=False) as features_only, torch.no_grad():
+        teacher(x)
+        assert all(h.r_feature is None for h in features_only) and features_only.features().shape[0] == 8
+
+
 def test_cmi_contrastive_loss_prefers_true_pairs(teacher, student):
     synth = create_synthesizer("cmi", teacher, student, make_config("cmi", "smoke"), SPEC)
     torch.manual_seed(0)

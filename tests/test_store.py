@@ -334,7 +334,7 @@ def test_a_stream_stopped_half_way_continues_from_its_last_epoch(ray_local, tiny
     stop = threading.Event()
     first = runner_of(stream_of(tiny_mnist, "cmi", epochs=3), tmp_path / "cut",
                       on_epoch=lambda key, epoch, m: stop.set()).run(stop)[0]
-    assert first.history.epochs_done == 1 and first.history.failed
+    assert first.history.epochs_done == 1 and first.history.status == "interrupted"
     seen = []
     again = runner_of(stream_of(tiny_mnist, "cmi", epochs=3), tmp_path / "cut", resume=True,
                       on_epoch=lambda key, epoch, m: seen.append(epoch)).run()[0]

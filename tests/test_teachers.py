@@ -92,10 +92,14 @@ def test_bad_input_exit_2(argv, needle, capsys):
 
 def test_missing_data_names_where_it_looked(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert run(["--dataset", "cifar100", "--arch", "resnet8", "--data-root", str(tmp_path / "none"),
+    (tmp_path / "empty").mkdir()
+    assert run(["--dataset", "cifar100", "--arch", "resnet8", "--data-root", str(tmp_path / "empty"),
                 "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "not found; looked in" in err and "none" in err
+    assert "not found; looked in" in err and "empty" in err
+    assert run(["--dataset", "cifar100", "--arch", "resnet8", "--data-root", str(tmp_path / "none"),
+                "--out", str(tmp_path)]) == 2
+    assert "none is not a folder" in capsys.readouterr().err
 
 
 def test_progressive_resizing_trains_small_first_and_ends_at_full_size(tiny_mnist, tmp_path, capsys):
@@ -147,3 +151,36 @@ def test_train_step_benchmark_prints_rates_and_refuses_bad_input(capsys):
     assert train_step.main(["--arch", "nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert train_step.main(["--batch-sizes", "0"]) == 2
+
+
+def test_the_shipped_teacher_is_installed_into_an_empty_cache(tmp_path):
+    """The default bench starts distilling at once: the Fashion-MNIST teacher ships with
+    the project and lands in the cache after its SHA-256 checks out."""
+    from orchestrator.core.classifiers import SHIPPED_DIR, find_checkpoint, sha256, shipped_teachers
+
+    entry = shipped_teachers()["fashion-mnist-wrn16_2.pt"]
+    said = []
+    path = find_checkpoint(tmp_path, "fashion-mnist", "wrn16_2", log=said.append)
+    assert path == tmp_path / "fashion-mnist-wrn16_2.pt" and sha256(path) == entry["sha256"]
+    assert "shipped teacher" in said[0] and f"{entry['accuracy']:.2f}%" in said[0]
+    _, meta = load_classifier(path, dataset="fashion-mnist")
+    assert meta["accuracy"] == entry["accuracy"] and meta["arch"] == "wrn16_2"
+    assert find_checkpoint(tmp_path, "mnist", "wrn16_2") is None  # nothing shipped: it must train
+    assert (SHIPPED_DIR / "manifest.json").exists()
+
+
+def test_a_shipped_teacher_that_does_not_match_its_hash_is_refused(tmp_path, monkeypatch):
+    import json
+
+    from orchestrator.core import classifiers
+    from orchestrator.cli import UsageError
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "fashion-mnist-wrn16_2.pt").write_bytes(b"not the teacher")
+    (shipped / "manifest.json").write_text(json.dumps({"fashion-mnist-wrn16_2.pt": {"sha256": "0" * 64,
+                                                                                   "accuracy": 92.0}}))
+    monkeypatch.setattr(classifiers, "SHIPPED_DIR", shipped)
+    with pytest.raises(UsageError, match="does not match its SHA-256"):
+        classifiers.find_checkpoint(tmp_path / "cache", "fashion-mnist", "wrn16_2")
+    assert not (tmp_path / "cache" / "fashion-mnist-wrn16_2.pt").exists()

@@ -185,10 +185,11 @@ class CellResult:
     wall_seconds: float
     teacher_accuracy: float = float("nan")
     run_id: str | None = None
+    startup_seconds: float = 0.0  # before the first round: loading, building, starting actors
 
     def summary(self) -> dict:
         return {**self.history.summary(), "teacher_accuracy": self.teacher_accuracy,
-                "wall_seconds": self.wall_seconds}
+                "wall_seconds": self.wall_seconds, "startup_seconds": self.startup_seconds}
 
 
 def write_cell_files(cell_dir: Path, spec: CellSpec, history: History, student: torch.nn.Module | None = None,
@@ -196,8 +197,10 @@ def write_cell_files(cell_dir: Path, spec: CellSpec, history: History, student: 
     """config.json and history.json always; student.pt and grid.png when given."""
     cell_dir.mkdir(parents=True, exist_ok=True)
     key = spec.key
-    (cell_dir / "config.json").write_text(json.dumps({"cell": dataclasses.asdict(key), "config": spec.config_dict()},
-                                                     indent=2))
+    from orchestrator.core.provenance import cell_provenance
+
+    (cell_dir / "config.json").write_text(json.dumps({"cell": dataclasses.asdict(key), "config": spec.config_dict(),
+                                                      "provenance": cell_provenance(spec)}, indent=2))
     (cell_dir / "history.json").write_text(json.dumps(dataclasses.asdict(history), indent=2))
     if grid is not None:
         from torchvision.utils import save_image
@@ -240,9 +243,10 @@ def run_in_process(spec: CellSpec, cell_dir: Path, device="cpu", *, resume: bool
         state_path.unlink(missing_ok=True)
     loop = RoundLoop(InProcess(synthesizer, [trainer]), spec.config, 1, state_path)
     loop.restore()
+    startup = time.perf_counter() - started
     (history,) = loop.run(on_epoch=(lambda i, epoch, m: on_epoch(epoch, m)) if on_epoch else None, progress=progress)
     write_cell_files(cell_dir, spec, history, student, grid_images(synthesizer))
     if save_bank_to:
         save_bank(save_bank_to, bank)
     return CellResult(spec.key, history, spec.config_dict(), cell_dir, time.perf_counter() - started,
-                      float(meta.get("accuracy", float("nan"))))
+                      float(meta.get("accuracy", float("nan"))), startup_seconds=startup)

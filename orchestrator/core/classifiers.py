@@ -4,7 +4,10 @@ normalisation, channels, image size, recipe). `python -m orchestrator.teachers` 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,8 +22,50 @@ from orchestrator.core.training import Recipe, train_classifier
 DEFAULT_DIR = Path(os.environ.get("DFKD_CHECKPOINTS", "checkpoints")) / "teachers"
 
 
+# Teachers that ship with the project (benchmarks/teachers/): the default bench starts
+# distilling at once instead of training a teacher for a quarter of an hour.
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "teachers"
+
+
 def checkpoint_path(out: str | Path, dataset: str, arch: str) -> Path:
     return Path(out) / f"{dataset}-{arch}.pt"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_teachers() -> dict[str, dict]:
+    """benchmarks/teachers/manifest.json: file name -> sha256, accuracy, the command that
+    reproduces it."""
+    manifest = SHIPPED_DIR / "manifest.json"
+    return json.loads(manifest.read_text()) if manifest.exists() else {}
+
+
+def find_checkpoint(out: str | Path, dataset: str, arch: str, log=print) -> Path | None:
+    """The cached checkpoint of (dataset, arch) in `out`; a shipped one is copied there
+    first (after checking its SHA-256) when the cache has none. None: it must be trained."""
+    path = checkpoint_path(out, dataset, arch)
+    if path.exists():
+        return path
+    entry = shipped_teachers().get(path.name)
+    if entry is None:
+        return None
+    source = SHIPPED_DIR / path.name
+    if not source.exists() or sha256(source) != entry["sha256"]:
+        raise UsageError(f"the shipped teacher {source} is missing or does not match its SHA-256 "
+                         f"{entry['sha256'][:12]}... in {SHIPPED_DIR / 'manifest.json'}; restore it from git")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+    log(f"using the shipped teacher {path.name} ({entry['accuracy']:.2f}% test accuracy, sha256 "
+        f"{entry['sha256'][:12]}...), copied to {path}")
+    return path
 
 
 def default_recipe(dataset: str, **overrides) -> Recipe:
@@ -43,7 +88,7 @@ def get_classifier(dataset: str, arch: str, *, out=DEFAULT_DIR, recipe: Recipe |
     if arch not in list_models():
         create_model(arch, spec.num_classes)  # raises the error that lists known names
     path = checkpoint_path(out, dataset, arch)
-    if path.exists() and not force:
+    if not force and find_checkpoint(out, dataset, arch, log) is not None:
         model, meta = load_classifier(path, dataset=dataset, num_classes=spec.num_classes,
                                       channels=spec.channels, device=device)
         log(f"reusing {path} ({arch} on {dataset}: {meta['accuracy']:.2f}% test accuracy)")

@@ -48,6 +48,8 @@ class History:
     images_synthesized: list[int] = field(default_factory=list)  # cumulative, per epoch
     synthesis_seconds: list[float] = field(default_factory=list)  # cumulative, per epoch
     kd_seconds: list[float] = field(default_factory=list)  # cumulative, per epoch
+    eval_seconds: list[float] = field(default_factory=list)  # cumulative, per epoch: cosine step + evaluation
+    checkpoint_seconds: list[float] = field(default_factory=list)  # cumulative, per epoch: writing the state
     status: str = "running"  # running | finished | failed: <why>
 
     @property
@@ -76,6 +78,8 @@ class History:
             "images_synthesized": images,
             "synthesis_seconds": synth,
             "kd_seconds": self.kd_seconds[-1] if done else 0.0,
+            "eval_seconds": _last(self.eval_seconds, done),
+            "checkpoint_seconds": _last(self.checkpoint_seconds, done),
             "synthesis_images_per_second": images / synth if synth > 0 else float("nan"),
         }
 
@@ -218,7 +222,7 @@ class _Means:
 
 
 def _close_epoch(h: History, means: dict[str, float], accuracy: float, images: int, synth: float, kd: float,
-                 epochs: int) -> dict:
+                 evals: float, epochs: int) -> dict:
     epoch = h.epochs_done
     h.accuracy.append(accuracy)
     for key in set(h.losses) | set(means):  # a term missing this epoch (warm-up: no KD) is NaN
@@ -226,6 +230,7 @@ def _close_epoch(h: History, means: dict[str, float], accuracy: float, images: i
     h.images_synthesized.append(int(images))
     h.synthesis_seconds.append(synth)
     h.kd_seconds.append(kd)
+    h.eval_seconds.append(evals)
     if h.epochs_done == epochs:
         h.status = "finished"
     return h.epoch_metrics(epoch)
@@ -268,6 +273,8 @@ class RoundLoop:
         start = min((hs[i].epochs_done for i in live), default=cfg.epochs)
         synth_time = hs[0].synthesis_seconds[start - 1] if start else 0.0
         kd_time = [h.kd_seconds[start - 1] if start else 0.0 for h in hs]
+        eval_time = _last(hs[0].eval_seconds, start)
+        checkpoint_time = _last(hs[0].checkpoint_seconds, start)
         images = hs[0].images_synthesized[start - 1] if start else 0
         for epoch in range(start, cfg.epochs):
             means = [_Means() for _ in hs]
@@ -300,10 +307,18 @@ class RoundLoop:
                         live.remove(i)
                 if not live:
                     return hs
+            tick = time.perf_counter()
             accuracies = self.strategy.end_epoch(live)
-            metrics = {i: _close_epoch(hs[i], means[i].means(), acc, images, synth_time, kd_time[i], cfg.epochs)
-                       for i, acc in zip(live, accuracies)}
+            eval_time += time.perf_counter() - tick
+            metrics = {i: _close_epoch(hs[i], means[i].means(), acc, images, synth_time, kd_time[i], eval_time,
+                                       cfg.epochs) for i, acc in zip(live, accuracies)}
+            for i in live:  # the state written now counts the writes before it; the history, this one too
+                hs[i].checkpoint_seconds.append(checkpoint_time)
+            tick = time.perf_counter()
             self.checkpoint()
+            checkpoint_time += time.perf_counter() - tick
+            for i in live:
+                hs[i].checkpoint_seconds[-1] = checkpoint_time
             for i, m in metrics.items():
                 if on_epoch:
                     on_epoch(i, epoch + 1, m)
@@ -329,6 +344,12 @@ def load_matching_state(path: str | Path | None, config, n_students: int) -> dic
     if state.get("config") != asdict(config) or len(state.get("histories", [])) != n_students:
         return None
     return state
+
+
+def _last(cumulative: list[float], epochs: int) -> float:
+    """A cumulative figure after `epochs` epochs (0 before the first; 0 for a state written
+    before the figure was recorded)."""
+    return cumulative[epochs - 1] if epochs and len(cumulative) >= epochs else 0.0
 
 
 def rounds_per_epoch(config) -> int:

@@ -19,11 +19,11 @@ def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x - mean) / std
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate(model: torch.nn.Module, data: ImageSet, device="cpu", batch_size: int = 1000,
              size: int | None = None) -> float:
     """Top-1 accuracy in percent (on images resized to `size` if given); restores the
-    model's train/eval mode afterwards."""
+    model's train/eval mode afterwards. Inference mode: no autograd bookkeeping at all."""
     was_training = model.training
     model.eval()
     correct = 0
@@ -85,13 +85,13 @@ def train_classifier(model: torch.nn.Module, train: ImageSet, test: ImageSet, re
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: recipe.rate_factor(step, total_steps))
     history = {"epoch": [], "train_loss": [], "test_acc": [], "seconds": []}
     start = time.perf_counter()
+    # One bar over every step of the run, so its ETA is the whole training's; a line per epoch.
+    bar = tqdm(total=total_steps, unit="step", disable=not progress, dynamic_ncols=True, leave=False)
     for epoch in range(recipe.epochs):
         total, count = 0.0, 0
-        bar = tqdm(train.batches(recipe.batch_size, shuffle=True, augment=True, generator=generator, device=device),
-                   total=steps_per_epoch, desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
-                   disable=not progress, dynamic_ncols=True)
         size = recipe.size_at(epoch)
-        for x, y in bar:
+        bar.set_description(f"training, epoch {epoch + 1}/{recipe.epochs}")
+        for x, y in train.batches(recipe.batch_size, shuffle=True, augment=True, generator=generator, device=device):
             x = resize(x, size)
             loss = F.cross_entropy(model(normalize(x, train.spec.mean, train.spec.std)), y)
             optimizer.zero_grad(set_to_none=True)
@@ -100,7 +100,8 @@ def train_classifier(model: torch.nn.Module, train: ImageSet, test: ImageSet, re
             scheduler.step()
             total += loss.item() * len(y)
             count += len(y)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         # A low-resolution epoch is scored at its own size: its BatchNorm statistics are
         # those of that size, so a full-size score would say little (and cost 4x more).
         acc = evaluate(model, test, device, size=size)
@@ -110,6 +111,7 @@ def train_classifier(model: torch.nn.Module, train: ImageSet, test: ImageSet, re
         history["seconds"].append(time.perf_counter() - start)
         if progress:
             shown = f"{size}px" if size is not None else f"{train.spec.image_size}px"
-            print(f"epoch {epoch + 1}/{recipe.epochs} ({shown})  loss {total / max(count, 1):.4f}  "
-                  f"test acc {acc:.2f}%  ({time.perf_counter() - start:.0f}s)", flush=True)
+            bar.write(f"epoch {epoch + 1}/{recipe.epochs} ({shown})  loss {total / max(count, 1):.4f}  "
+                      f"test acc {acc:.2f}%  ({time.perf_counter() - start:.0f}s)")
+    bar.close()
     return history

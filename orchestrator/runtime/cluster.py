@@ -77,12 +77,22 @@ def cached_classifiers(needed: list[tuple[str, str]], teacher_dir: str, log) -> 
 
 
 def train_classifiers(ray, missing: list[tuple[str, str]], teacher_dir: str, data_dirs: dict, device: str,
-                      log) -> dict:
-    """Trains missing teachers (and scratch students) in Ray tasks, one at a time, before
-    any cell starts, so no two cells race to train the same teacher."""
+                      log, in_driver: bool = False) -> dict:
+    """Trains missing teachers (and scratch students) one at a time, before any cell
+    starts, so no two cells race to train the same teacher. On a local Ray they train
+    here in the driver, with a progress bar and a line per epoch; joined to a cluster,
+    in Ray tasks (on a GPU node when there is one)."""
     from orchestrator.core.classifiers import get_classifier
 
     teacher_dir = Path(teacher_dir).resolve()
+    if in_driver:
+        metas = {}
+        for dataset, arch in missing:
+            log(f"training {arch} on {dataset} (missing from {teacher_dir}) ...")
+            _, meta = get_classifier(dataset, arch, out=teacher_dir, device=device, data_root=data_dirs[dataset],
+                                     log=log)
+            metas[(dataset, arch)] = {k: meta[k] for k in ("accuracy", "train_seconds") if k in meta}
+        return metas
 
     @ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0)
     def train(dataset, arch, data_root, threads):

@@ -154,12 +154,13 @@ class StreamRunner:
             (home / "state.pt").unlink(missing_ok=True)
             shutil.rmtree(home / STORE_DIR, ignore_errors=True)
         started = time.perf_counter()
-        loop, group, run_ids = None, None, {}
+        loop, group, run_ids, startup = None, None, {}, 0.0
         try:
             group = self._reserve(self.resources.bundles(len(specs)), stop)
             self.strategy = RayStrategy(stream, self.resources, self.device, group, home / STORE_DIR)
             loop = RoundLoop(self.strategy, specs[0].config, len(specs), home / "state.pt", self.publish_every)
             restored = loop.restore()
+            startup = time.perf_counter() - started
             if restored:
                 self.log(f"stream {stream.describe()}: continuing after epoch {restored}")
             for i, spec in enumerate(specs):
@@ -172,10 +173,11 @@ class StreamRunner:
             if not isinstance(exc, InterruptedError):
                 self.log("".join(traceback.format_exception(exc))[-2000:])
             for h in (loop.histories if loop else []):
-                if not h.failed:
-                    h.status = f"failed: {type(exc).__name__}: {message}"
+                if h.status == "running":  # Ctrl-C is no failure: the cell continues with --resume
+                    h.status = "interrupted" if isinstance(exc, InterruptedError) else \
+                        f"failed: {type(exc).__name__}: {message}"
         histories = loop.histories if loop else []
-        results = [self._record(spec, i, histories, time.perf_counter() - started, run_ids.get(spec.key))
+        results = [self._record(spec, i, histories, time.perf_counter() - started, run_ids.get(spec.key), startup)
                    for i, spec in enumerate(specs)]
         if self.strategy is not None:
             for actor in self.strategy.actors:
@@ -184,7 +186,7 @@ class StreamRunner:
             remove_placement_group(group)
         return results
 
-    def _record(self, spec: CellSpec, i: int, histories: list, wall: float, run_id) -> CellResult:
+    def _record(self, spec: CellSpec, i: int, histories: list, wall: float, run_id, startup: float) -> CellResult:
         history = histories[i] if histories else History(status="failed: the stream did not start")
         cell_dir = self.cell_dir(spec.key)
         try:
@@ -195,7 +197,8 @@ class StreamRunner:
                 write_cell_files(cell_dir, spec, history)
         except Exception as exc:  # the numbers are in; a missing artefact is not fatal
             self.log(f"could not save the files of {spec.key.slug}: {exc}")
-        return CellResult(spec.key, history, spec.config_dict(), cell_dir, wall, run_id=run_id)
+        return CellResult(spec.key, history, spec.config_dict(), cell_dir, wall, run_id=run_id,
+                          startup_seconds=startup)
 
     def _reserve(self, bundles: list[dict], stop: threading.Event | None):
         """Reserves all of a stream's actors at once (a placement group): actors created
