@@ -105,7 +105,11 @@ class TrainerActor:
             batches = iter(from_uint8(self.bank.sample(cfg.kd_steps * cfg.batch_size)).split(cfg.batch_size))
             sample = lambda n: next(batches).to(self.device)  # noqa: E731
         else:
-            sample = lambda n: spec.method.kd_view(from_uint8(self.bank.sample(n)).to(self.device),  # noqa: E731
+            # Every batch of the round is requested at once: the store answers them in order
+            # (the same draws as one request at a time, since nothing is added to the bank
+            # during KD), and the KD steps never wait for a round trip.
+            batches = self.bank.sample_batches(cfg.batch_size, cfg.kd_steps)
+            sample = lambda n: spec.method.kd_view(from_uint8(next(batches)).to(self.device),  # noqa: E731
                                                    spec.image_spec)
         losses = self.trainer.kd_steps(sample)
         return {"losses": losses, "seconds": time.perf_counter() - tick}

@@ -375,6 +375,14 @@ class StoreBank:
             self._pending.append(self.store.sample.remote(n))
         return _tensor(self._get(self._pending.popleft()))
 
+    def sample_batches(self, n: int, count: int):
+        """`count` batches of `n`, all requested at once and yielded in order: the store
+        answers them in order (the same draws as `count` calls of `sample`), and the
+        consumer never waits for a round trip after the first."""
+        refs = [self.store.sample.remote(n) for _ in range(count)]
+        for ref in refs:
+            yield _tensor(self._get(ref))
+
     def negatives(self, k: int) -> torch.Tensor:
         return _tensor(self._get(self.store.negatives.remote(k)))
 
