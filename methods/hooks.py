@@ -30,6 +30,8 @@ class BatchNormStatsHook:
         self.module, self.owner = module, owner
         self.r_feature: torch.Tensor | None = None
         self.instance_mean: torch.Tensor | None = None
+        self.momentum: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, var) carried across batches
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # the last batch's, detached
         self._handle = module.register_forward_hook(self._record)
 
     def _record(self, module: nn.BatchNorm2d, inputs, output) -> None:
@@ -42,6 +44,11 @@ class BatchNormStatsHook:
             mean = self.instance_mean[:len(view)].mean(0) if self.instance_mean is not None else view.mean(dim=(0, 2, 3))
             # Biased variance: the normalisation a BN layer applies in training mode.
             var = view.var(dim=(0, 2, 3), unbiased=False)
+            self.last = (mean.detach(), var.detach())
+            if self.momentum is not None:  # Fast-DFKD: statistics averaged over the batches so far
+                rate = owner.momentum_rate
+                mean = (1 - rate) * mean + rate * self.momentum[0]
+                var = (1 - rate) * var + rate * self.momentum[1]
             self.r_feature = (torch.linalg.vector_norm(mean - module.running_mean)
                               + torch.linalg.vector_norm(var - module.running_var))
         else:
@@ -56,12 +63,16 @@ class BatchNormHooks:
 
     `stats`: compute the BN-statistics loss; `features`: the instance means."""
 
-    def __init__(self, model: nn.Module, stats: bool = True, features: bool = True):
+    def __init__(self, model: nn.Module, stats: bool = True, features: bool = True,
+                 momentum: list | None = None, momentum_rate: float = 0.0):
         self.want_stats, self.want_features = stats, features
         self.first: int | None = None  # batch statistics over the first `first` images only
+        self.momentum_rate = momentum_rate
         self.hooks = [BatchNormStatsHook(m, self) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self.hooks:
             raise ValueError("the teacher has no BatchNorm2d layer to read statistics from")
+        for hook, carried in zip(self.hooks, momentum or []):
+            hook.momentum = carried
 
     def __enter__(self) -> "BatchNormHooks":
         return self
@@ -84,6 +95,17 @@ class BatchNormHooks:
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
+
+    def advance_momentum(self) -> list:
+        """The statistics to carry to the next batch: m <- rate * m + (1 - rate) * the last
+        batch's (the last batch's alone the first time). Fast-DFKD's BN-statistics momentum."""
+        rate, out = self.momentum_rate, []
+        for h in self.hooks:
+            if h.momentum is None:
+                out.append(h.last)
+            else:
+                out.append(tuple(rate * m + (1 - rate) * x for m, x in zip(h.momentum, h.last)))
+        return out
 
     def bn_loss(self) -> torch.Tensor:
         return bn_loss(self.hooks)

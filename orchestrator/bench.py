@@ -14,6 +14,7 @@ store (mlflow.db).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,12 +32,13 @@ from orchestrator.cli import (ArgumentParser, OutLock, UsageError, check_writabl
                               parse_sets, run_cli, split_list)
 from orchestrator.core.cell import CellKey, CellResult, CellSpec, check_cell
 from orchestrator.core.classifiers import DEFAULT_DIR as DEFAULT_TEACHER_DIR
-from orchestrator.core.classifiers import checkpoint_path, find_checkpoint
+from orchestrator.core.classifiers import checkpoint_path, find_checkpoint, sha256
 from orchestrator.core.provenance import cell_provenance
 from orchestrator.report import bench_tables
 from orchestrator.tracking import Tracker, cell_key, check_tracking_uri, flatten_params, resolve_tracking_uri
 
 MODES = ("paper", "shared")
+VERIFIED_FILES = ("history.json", "student.pt")  # hashed at finish; a reused cell must still match
 DEFAULT_METHODS = "dafl,deepinv,cmi"
 
 
@@ -122,13 +124,26 @@ def make_plan(args) -> Plan:
     specs = [CellSpec.build(CellKey(d, t, s, m, seed, args.budget, args.mode), overrides[m],
                             checkpoint_path(teacher_dir, d, t), data_dirs[d])
              for d in datasets for m in methods for seed in seeds for t, s in pairs[d]]
-    out = Path(args.out).resolve()
-    check_writable(out)
-    uri = resolve_tracking_uri(args.tracking_uri, out)
-    check_tracking_uri(uri)
     from orchestrator.runtime.cluster import check_address
     check_address(args.address)
+    out = Path(args.out).resolve()
+    uri = resolve_tracking_uri(args.tracking_uri, out)
+    with removed_if_refused(out):  # a refused run leaves no empty --out behind
+        check_writable(out)
+        check_tracking_uri(uri)
     return Plan(specs, datasets, pairs, out, uri, data_dirs, teacher_dir)
+
+
+@contextlib.contextmanager
+def removed_if_refused(out: Path):
+    """Removes `out` again if it did not exist before and a check inside refuses the run."""
+    existed = out.exists()
+    try:
+        yield
+    except Exception:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
 
 def config_hash(config) -> str:
@@ -147,6 +162,21 @@ def same_config(done: dict, config) -> bool:
     return bool(params) and all(done["params"].get(k) == v for k, v in params.items())
 
 
+def damaged_file(cell_dir: Path, tags: dict) -> str | None:
+    """Why a finished cell's files cannot be reused (missing, or not what was hashed at its
+    finish), or None. Runs logged before the hashes existed are not checked."""
+    for name in VERIFIED_FILES:
+        want = tags.get(f"file.{name}.sha256")
+        if want is None:
+            continue
+        path = cell_dir / name
+        if not path.exists():
+            return f"{path} is missing"
+        if sha256(path) != want:
+            return f"{path} is not the file it wrote (SHA-256 differs)"
+    return None
+
+
 def split_streams(plan: Plan, mode: str, finished: dict):
     """Streams still to run and the specs of cells reused from `finished` (same config).
     Paper mode: one stream per cell; shared mode: one per (dataset, teacher, method, seed)."""
@@ -157,8 +187,11 @@ def split_streams(plan: Plan, mode: str, finished: dict):
     for spec in plan.specs:
         done = finished.get(cell_key(dataclasses.asdict(spec.key)))
         if done and same_config(done, spec.config):
-            reused.append(spec)
-            continue
+            problem = damaged_file(plan.out / "cells" / spec.key.slug, done["tags"])
+            if problem is None:
+                reused.append(spec)
+                continue
+            tqdm.write(f"warning: {spec.key.slug} finished earlier, but {problem}: running it again")
         k = spec.key
         group = (k.dataset, k.teacher, k.method, k.seed) if mode == "shared" else k
         groups.setdefault(group, []).append(spec)
@@ -206,6 +239,9 @@ class BenchRecorder:
                 for name in ("history.json", "config.json", "grid.png", "student.pt"):
                     if (result.cell_dir / name).exists():
                         self.tracker.log_artifact(result.run_id, result.cell_dir / name)
+                if status == "finished":  # what --resume checks before it reuses the cell
+                    self.tracker.set_tags(result.run_id, {f"file.{name}.sha256": sha256(result.cell_dir / name)
+                                                          for name in VERIFIED_FILES})
                 self.tracker.finish(result.run_id, {"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"),
                                     tags={"status": status})
         if self.bar is not None and status != "interrupted":  # an interrupted cell is not done

@@ -113,11 +113,11 @@ def method_overrides(methods: list[str], sets: dict[str, str], presets: list[str
 
     per_method: dict[str, dict] = {m: {} for m in methods}
     for path in presets or []:
+        preset = read_preset(path)
         try:
-            preset = json.loads(Path(path).read_text())
             method, config = preset["method"], dict(preset["config"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UsageError(f"--preset {path}: not a preset file written by orchestrator.tune ({exc})") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UsageError(f"--preset {path}: not a preset file written by orchestrator.tune (no {exc})") from None
         get_method(method)
         if method not in per_method:
             raise UsageError(f"--preset {path} is for method {method!r}, which is not in --methods")
@@ -135,6 +135,25 @@ def method_overrides(methods: list[str], sets: dict[str, str], presets: list[str
         if key not in used:
             raise UsageError(f"--set {key}: no method in --methods has a field {field!r}")
     return per_method
+
+
+def read_preset(path: str | Path) -> dict:
+    """A preset in JSON (as orchestrator.tune writes it) or YAML (YAML reads JSON too)."""
+    import yaml
+
+    from orchestrator.search_space import yaml_error
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"--preset {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        preset = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--preset {path}: not valid JSON or YAML: {yaml_error(exc)}") from None
+    if not isinstance(preset, dict):
+        raise UsageError(f"--preset {path}: expected a mapping with 'method' and 'config'")
+    return preset
 
 
 def check_writable(out: Path) -> None:

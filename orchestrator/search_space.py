@@ -45,8 +45,15 @@ def load_space(path: str | Path) -> dict:
     try:
         space = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UsageError(f"--space {path}: not valid JSON or YAML ({str(exc).splitlines()[0]})") from None
+        raise UsageError(f"--space {path}: not valid JSON or YAML: {yaml_error(exc)}") from None
     return _mapping(space, path)
+
+
+def yaml_error(exc) -> str:
+    """A YAML parse error as 'line L, column C: problem' (1-based, as editors count)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
 
 
 def _mapping(space, path) -> dict:

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -122,8 +123,27 @@ def plan(args) -> dict:
          "metric": args.metric, "mode": args.mode, "data_root": data_root, "out": out, "storage": storage,
          "uri": uri, "name": name, "record": out / "searches" / f"{name}.json"}
     if args.resume and p["record"].exists():  # the search goes on as it was started
-        p.update({k: v for k, v in json.loads(p["record"].read_text())["settings"].items() if k != "key"})
+        p.update(saved_settings(args, json.loads(p["record"].read_text())["settings"], fixed))
     return p
+
+
+def saved_settings(args, settings: dict, fixed: dict) -> dict:
+    """What a resumed search runs with: every setting it was started with. A flag given
+    again with another value is refused (exit 2), never silently applied or ignored."""
+    typed = getattr(args, "typed", set())  # the flags on the command line (parse_args below)
+    saved = dict(settings)
+    if "key" in saved:
+        key = CellKey(**saved["key"])
+        for field in ("method", "dataset", "budget", "seed"):
+            given, kept = getattr(args, field), getattr(key, field)
+            if f"--{field}" in typed and given != kept:
+                raise UsageError(f"--{field} {given}: this search was started with --{field} {kept}; --resume "
+                                 f"continues it as it was started (drop --{field}, or start a new search)")
+        saved["key"] = key
+    if fixed and fixed != saved.get("fixed"):
+        raise UsageError(f"--set {fixed}: this search was started with --set {saved.get('fixed') or '(none)'}; "
+                         "--resume continues it as it was started")
+    return saved
 
 
 def _can_restore(path: Path) -> bool:
@@ -307,6 +327,7 @@ def open_search(p: dict, args, tracker: Tracker) -> str:
             "budget": key.budget, "num_samples": p["num_samples"], "space": space_json(p["space"]),
             "fixed": json.dumps(p["fixed"]), "metric": p["metric"], "mode": p["mode"], "seed": args.seed})
         settings = {k: p[k] for k in ("fixed", "space", "max_t", "num_samples", "metric", "mode")}
+        settings["key"] = dataclasses.asdict(key)
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"parent": parent, "name": p["name"], "settings": settings, "trials": {}},
                                      indent=2))
@@ -346,8 +367,16 @@ def make_tuner(p: dict, args, tracker: Tracker, gpus: float):
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
+    """The arguments, and which flags were typed (a resumed search refuses conflicting ones)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.typed = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     p = plan(args)
     key = p["key"]
     # Tiny trials checkpoint often; Tune's warning about frequent state snapshots is noise here.

@@ -128,6 +128,16 @@ def test_bench_tables_match_mlflow_a_nan_cell_fails_alone_and_resume_starts_noth
     _, final = test_bench.runs(out)
     assert len(final) == len(after)  # a dry run opens no run
 
+    # A finished cell whose files were damaged since is not reused: it runs again, with a
+    # warning naming the file (its hash was recorded when it finished).
+    (history,) = (out / "cells").glob("*_cmi_*/history.json")
+    history.write_text(history.read_text()[:50])
+    with pytest.raises(SystemExit) as exc:
+        run_cli(bench_cli.main, test_bench.argv(env, out, "--methods", "cmi", "--resume", "--dry-run"))
+    captured = capsys.readouterr()
+    assert exc.value.code == 0 and "1 cells to run (0 finished earlier)" in captured.out
+    assert f"{history} is not the file it wrote" in captured.out + captured.err
+
 
 def test_an_interrupted_search_on_the_head_resumes_without_rerunning_finished_trials(
         tiny_mnist, head, tmp_path, monkeypatch):

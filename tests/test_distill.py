@@ -147,3 +147,24 @@ def test_cli_prints_config_epochs_and_final_line(env, tmp_path):
     assert "epoch 1/1" in proc.stdout and "teacher" in proc.stdout.splitlines()[-1]
     saved = json.loads(next(tmp_path.glob("*/config.json")).read_text())
     assert saved["config"]["g_steps"] == 3
+
+
+def test_a_damaged_resume_state_is_refused_by_name(env, tmp_path, capsys):
+    """A state.pt truncated by a full disk: one message naming it and the cure, exit 2."""
+    s = spec(env, "dafl")
+    run_in_process(s, tmp_path / s.key.slug, log=lambda *_: None)
+    state = tmp_path / s.key.slug / "state.pt"
+    state.write_bytes(state.read_bytes()[:2000])
+    argv = ["--method", "dafl", "--dataset", "mnist", "--teacher", "resnet8", "--student", "resnet8",
+            "--budget", "smoke", "--teacher-dir", str(env / "teachers"), "--data-root", str(env / "data"),
+            "--out", str(tmp_path), "--no-progress", "--device", "cpu"]
+    from orchestrator.cli import run_cli
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(distill_cli.main, argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"cannot read the resume state {state}" in err and "--fresh" in err
+    assert "Traceback" not in err
+    with pytest.raises(SystemExit) as exc:
+        run_cli(distill_cli.main, [*argv, "--fresh"])
+    assert exc.value.code == 0

@@ -324,13 +324,18 @@ def test_a_killed_store_comes_back_from_its_snapshot_and_the_cell_finishes(ray_l
     assert json.loads((result.cell_dir / "store" / META_FILE).read_text())["shapes"]["images"][0] == 40
 
 
-def test_a_stream_stopped_half_way_continues_from_its_last_epoch(ray_local, tiny_mnist, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted_cmi(ray_local, tiny_mnist, tmp_path_factory):
+    """A 3-epoch CMI stream run without a fault: what every faulted run must end with."""
+    return runner_of(stream_of(tiny_mnist, "cmi", epochs=3), tmp_path_factory.mktemp("whole")).run()[0].history
+
+
+def test_a_stream_stopped_half_way_continues_from_its_last_epoch(uninterrupted_cmi, tiny_mnist, tmp_path):
     """A bench stream interrupted after epoch 1 continues (resume=True) from epoch 2, and
     ends with the history of an uninterrupted run: the state holds every actor's random
     state, the store's snapshot its sampling state."""
     import threading
 
-    whole = runner_of(stream_of(tiny_mnist, "cmi", epochs=3), tmp_path / "whole").run()[0]
     stop = threading.Event()
     first = runner_of(stream_of(tiny_mnist, "cmi", epochs=3), tmp_path / "cut",
                       on_epoch=lambda key, epoch, m: stop.set()).run(stop)[0]
@@ -339,5 +344,32 @@ def test_a_stream_stopped_half_way_continues_from_its_last_epoch(ray_local, tiny
     again = runner_of(stream_of(tiny_mnist, "cmi", epochs=3), tmp_path / "cut", resume=True,
                       on_epoch=lambda key, epoch, m: seen.append(epoch)).run()[0]
     assert seen == [2, 3] and again.history.status == "finished", (seen, again.history.status)
-    assert again.history.accuracy == whole.history.accuracy
-    assert again.history.losses == whole.history.losses
+    assert again.history.accuracy == uninterrupted_cmi.accuracy
+    assert again.history.losses == uninterrupted_cmi.losses
+
+
+@pytest.mark.parametrize("victim", ["synth", "trainer"])
+def test_a_killed_actor_is_replaced_and_the_cell_continues_from_its_last_epoch(uninterrupted_cmi, tiny_mnist,
+                                                                                tmp_path, victim):
+    """SIGKILL the synthesizer or the trainer in epoch 2: the stream's actors are built
+    again from the epoch-1 checkpoint and the cell ends exactly as if nothing happened;
+    no epoch is reported twice."""
+    import os
+    import signal
+
+    runner = runner_of(stream_of(tiny_mnist, "cmi", epochs=3), tmp_path)
+    killed, seen = [], []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if phase == "kd" and done == 3 and not killed:  # epoch 2, after its first synthesis round
+            actor = runner.strategy.synth if victim == "synth" else runner.strategy.trainers[0]
+            killed.append(ray.get(actor.__ray_call__.remote(lambda self: os.getpid())))
+            os.kill(killed[0], signal.SIGKILL)
+
+    runner.progress = progress
+    runner.on_epoch = lambda key, epoch, m: seen.append(epoch)
+    (result,) = runner.run()
+    assert killed and result.history.status == "finished", result.history.status
+    assert seen == [1, 2, 3]
+    assert result.history.accuracy == uninterrupted_cmi.accuracy
+    assert result.history.losses == uninterrupted_cmi.losses

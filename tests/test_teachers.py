@@ -184,3 +184,22 @@ def test_a_shipped_teacher_that_does_not_match_its_hash_is_refused(tmp_path, mon
     with pytest.raises(UsageError, match="does not match its SHA-256"):
         classifiers.find_checkpoint(tmp_path / "cache", "fashion-mnist", "wrn16_2")
     assert not (tmp_path / "cache" / "fashion-mnist-wrn16_2.pt").exists()
+
+
+def test_recipe_and_checkpoint_errors_name_what_is_wrong(tmp_path, capsys):
+    from models import create_model
+    from orchestrator.core.checkpoints import save_classifier
+
+    assert run(["--dataset", "mnist", "--arch", "resnet8", "--lr", "-1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "invalid --lr -1.0: it must be > 0" in err and "Recipe(" not in err
+    wrong = create_model("resnet20", 10, in_channels=1, image_size=32)
+    path = save_classifier(tmp_path / "t.pt", wrong, {"dataset": "mnist", "arch": "resnet8", "num_classes": 10,
+                                                        "channels": 1, "image_size": 32, "accuracy": 1.0})
+    with pytest.raises(UsageError, match=r"unexpected stages\.0\.1\.bn1\.bias") as exc:
+        load_classifier(path, dataset="mnist")
+    assert "does not match arch resnet8" in str(exc.value)
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.raises(UsageError, match="zip archive") as exc:
+        load_classifier(path, dataset="mnist")
+    assert "orchestrator.teachers" in str(exc.value)

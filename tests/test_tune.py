@@ -202,3 +202,41 @@ def test_a_restored_trial_keeps_its_own_state_when_it_is_newer(tmp_path):
     missing = tmp_path / "fresh" / "state.pt"
     missing.parent.mkdir()
     assert tune.restore_state(tune_ckpt, missing) and epochs_done(missing) == 3
+
+
+def test_a_resumed_search_keeps_its_settings_and_refuses_conflicting_flags():
+    """`tune --resume` runs with the budget and every setting the search started with; a
+    flag given again with another value is refused, never applied (or ignored) silently."""
+    from orchestrator.cli import UsageError
+    from orchestrator.core.cell import CellKey
+
+    started = {"key": {"dataset": "mnist", "teacher": "resnet8", "student": "resnet8", "method": "deepinv",
+                       "seed": 0, "budget": "smoke", "mode": "paper"},
+               "fixed": {"epochs": "3"}, "max_t": 3}
+    plain = tune.parse_args(["--method", "deepinv", "--resume"])
+    kept = tune.saved_settings(plain, started, {})
+    assert kept["key"] == CellKey("mnist", "resnet8", "resnet8", "deepinv", 0, "smoke") and kept["max_t"] == 3
+    for flags, needle in ((["--budget", "cpu"], "--budget cpu"), (["--seed", "3"], "--seed 3"),
+                          (["--method", "cmi"], "--method cmi")):  # cmi is the default: typed all the same
+        args = tune.parse_args(["--resume", *flags])
+        with pytest.raises(UsageError, match=needle):
+            tune.saved_settings(args, started, {})
+    with pytest.raises(UsageError, match="--set"):
+        tune.saved_settings(plain, started, {"epochs": "5"})
+    assert tune.saved_settings(plain, started, {"epochs": "3"})["fixed"] == {"epochs": "3"}
+
+
+def test_yaml_presets_and_space_errors_with_line_and_column(tmp_path):
+    from orchestrator.cli import UsageError, method_overrides
+    from orchestrator.search_space import load_space
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("method: cmi\nconfig:\n  lr_g: 0.002\n  cr: 0.5\n")
+    assert method_overrides(["cmi"], {}, [str(preset)])["cmi"] == {"lr_g": 0.002, "cr": 0.5}
+    broken = tmp_path / "space.yaml"
+    broken.write_text("lr_g:\n  type: loguniform\n  low: [1e-4\n  high: 1e-2\n")
+    with pytest.raises(UsageError, match=r"line \d+, column \d+"):
+        load_space(broken)
+    preset.write_text("method: cmi\nconfig: {lr_g: 0.002\n")
+    with pytest.raises(UsageError, match=r"--preset .*line \d+, column \d+"):
+        method_overrides(["cmi"], {}, [str(preset)])

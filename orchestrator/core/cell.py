@@ -242,7 +242,10 @@ def run_in_process(spec: CellSpec, cell_dir: Path, device="cpu", *, resume: bool
     if not resume:
         state_path.unlink(missing_ok=True)
     loop = RoundLoop(InProcess(synthesizer, [trainer]), spec.config, 1, state_path)
-    loop.restore()
+    try:
+        loop.restore()
+    except UsageError as exc:
+        raise UsageError(f"{exc} (distill --fresh does that)") from None
     startup = time.perf_counter() - started
     (history,) = loop.run(on_epoch=(lambda i, epoch, m: on_epoch(epoch, m)) if on_epoch else None, progress=progress)
     write_cell_files(cell_dir, spec, history, student, grid_images(synthesizer))

@@ -33,11 +33,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"cannot read checkpoint {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                         "delete it or train again with --force") from None
+        raise UsageError(f"cannot read checkpoint {path} ({type(exc).__name__}: {_reason(exc)}); delete it, or "
+                         "train it again with python -m orchestrator.teachers ... --force") from None
     if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
         raise UsageError(f"checkpoint {path} is not a dfkd classifier checkpoint (no state_dict/meta)")
     return blob["state_dict"], blob["meta"]
+
+
+def _reason(exc: Exception) -> str:
+    """The informative line of an exception's message (torch puts advice first)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    informative = [line for line in lines if "weights_only" not in line and not line.startswith("(")]
+    return ((informative or lines or [type(exc).__name__])[-1])[:300]
 
 
 def load_classifier(path: str | Path, *, dataset: str | None = None, num_classes: int | None = None,
@@ -51,9 +58,13 @@ def load_classifier(path: str | Path, *, dataset: str | None = None, num_classes
                              f"but {want!r} is needed here")
     model = create_model(meta["arch"], meta["num_classes"], in_channels=meta["channels"],
                          image_size=meta["image_size"])
+    missing, unexpected = model.state_dict().keys() - state.keys(), state.keys() - model.state_dict().keys()
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise UsageError(f"checkpoint {path} does not match arch {meta['arch']}: "
-                         f"{str(exc).splitlines()[0][:200]}") from None
+        names = "; ".join(part for part in (
+            f"missing {', '.join(sorted(missing)[:5])}{' ...' if len(missing) > 5 else ''}" if missing else "",
+            f"unexpected {', '.join(sorted(unexpected)[:5])}{' ...' if len(unexpected) > 5 else ''}" if unexpected
+            else "") if part) or _reason(exc)
+        raise UsageError(f"checkpoint {path} does not match arch {meta['arch']}: {names}") from None
     return place(model, device).eval(), meta

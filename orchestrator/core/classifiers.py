@@ -71,8 +71,11 @@ def find_checkpoint(out: str | Path, dataset: str, arch: str, log=print) -> Path
 def default_recipe(dataset: str, **overrides) -> Recipe:
     values = {**TEACHER_RECIPES[dataset], **{k: v for k, v in overrides.items() if v is not None}}
     recipe = Recipe(**{**values, "sizes": tuple(values.get("sizes", ()))})
-    if recipe.epochs < 1 or recipe.batch_size < 1 or recipe.lr <= 0:
-        raise UsageError(f"invalid recipe {recipe}: epochs and batch size must be >= 1 and lr > 0")
+    for flag, value, ok, allowed in (("--epochs", recipe.epochs, recipe.epochs >= 1, ">= 1"),
+                                     ("--batch-size", recipe.batch_size, recipe.batch_size >= 1, ">= 1"),
+                                     ("--lr", recipe.lr, recipe.lr > 0, "> 0")):
+        if not ok:
+            raise UsageError(f"invalid {flag} {value}: it must be {allowed}")
     if not 0.0 <= recipe.warmup < 1.0:
         raise UsageError(f"invalid --warmup {recipe.warmup}: a fraction of the steps in [0, 1)")
     if any(size < 8 for size in recipe.sizes):

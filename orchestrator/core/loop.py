@@ -340,7 +340,13 @@ def load_matching_state(path: str | Path | None, config, n_students: int) -> dic
     students; None otherwise (a different config under the same cell starts over)."""
     if not (path and Path(path).exists()):
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated by a full disk, not a state file, ...: say which file and why
+        from orchestrator.core.errors import UsageError
+
+        raise UsageError(f"cannot read the resume state {path} ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:160]}); delete it to start the cell over") from None
     if state.get("config") != asdict(config) or len(state.get("histories", [])) != n_students:
         return None
     return state

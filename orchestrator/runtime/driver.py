@@ -26,11 +26,18 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.core.cell import CellKey, CellResult, CellSpec, write_cell_files
+from orchestrator.core.errors import UsageError
 from orchestrator.core.loop import History, RoundLoop, RoundOutput, Strategy, load_matching_state
 from orchestrator.runtime.actors import SynthesizerActor, TrainerActor
 from orchestrator.runtime.store import create_store
 
 STORE_DIR = "store"  # the store's snapshot, inside the stream's (first) cell folder
+MAX_ACTOR_FAILURES_PER_EPOCH = 1  # restarts of a stream's actors for one epoch before its cells fail
+
+
+def _first_line(exc: BaseException, last: bool = False) -> str:
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    return (lines[-1] if last else lines[0])[:300]
 
 
 @dataclass
@@ -149,7 +156,12 @@ class StreamRunner:
         """Runs (or continues) the stream; never raises: a failure marks its cells failed."""
         stream, specs = self.stream, self.stream.specs
         home = self.cell_dir(specs[0].key)  # the stream's state and store snapshot live here
-        if not (self.resume and load_matching_state(home / "state.pt", specs[0].config, len(specs))):
+        try:
+            keep = self.resume and load_matching_state(home / "state.pt", specs[0].config, len(specs))
+        except UsageError as exc:  # a damaged state: the cell starts over, and says so
+            self.log(f"warning: {exc}")
+            keep = False
+        if not keep:
             # Starting over: no state, and no snapshot a new store would restore itself from.
             (home / "state.pt").unlink(missing_ok=True)
             shutil.rmtree(home / STORE_DIR, ignore_errors=True)
@@ -157,18 +169,33 @@ class StreamRunner:
         loop, group, run_ids, startup = None, None, {}, 0.0
         try:
             group = self._reserve(self.resources.bundles(len(specs)), stop)
-            self.strategy = RayStrategy(stream, self.resources, self.device, group, home / STORE_DIR)
-            loop = RoundLoop(self.strategy, specs[0].config, len(specs), home / "state.pt", self.publish_every)
-            restored = loop.restore()
-            startup = time.perf_counter() - started
-            if restored:
-                self.log(f"stream {stream.describe()}: continuing after epoch {restored}")
-            for i, spec in enumerate(specs):
-                run_ids[spec.key] = self.on_cell_start(spec, loop.histories[i])
-            loop.run(on_epoch=lambda i, epoch, m: self.on_epoch(specs[i].key, epoch, m), progress=self.progress,
-                     stop=stop)
+            failures: dict[int, int] = {}  # epoch -> how often an actor died in it
+            while True:
+                self.strategy = RayStrategy(stream, self.resources, self.device, group, home / STORE_DIR)
+                loop = RoundLoop(self.strategy, specs[0].config, len(specs), home / "state.pt", self.publish_every)
+                restored = loop.restore()
+                if not run_ids:  # the first start (a restart goes on in the same MLflow runs)
+                    startup = time.perf_counter() - started
+                    if restored:
+                        self.log(f"stream {stream.describe()}: continuing after epoch {restored}")
+                    for i, spec in enumerate(specs):
+                        run_ids[spec.key] = self.on_cell_start(spec, loop.histories[i])
+                try:
+                    loop.run(on_epoch=lambda i, epoch, m: self.on_epoch(specs[i].key, epoch, m),
+                             progress=self.progress, stop=stop)
+                    break
+                except ray.exceptions.RayActorError as exc:
+                    # An actor died (killed, out of memory, its node lost): new actors continue
+                    # from the last epoch's checkpoint; the same epoch failing again ends the cell.
+                    epoch = min(h.epochs_done for h in loop.histories) + 1
+                    failures[epoch] = failures.get(epoch, 0) + 1
+                    if failures[epoch] > MAX_ACTOR_FAILURES_PER_EPOCH:
+                        raise
+                    self.log(f"stream {stream.describe()}: an actor died in epoch {epoch} "
+                             f"({_first_line(exc)}); restarting from the last checkpoint")
+                    self._kill_actors()
         except Exception as exc:  # an actor died, out of memory, MLflow unreachable, interrupted ...
-            message = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+            message = _first_line(exc, last=True)
             self.log(f"stream {stream.describe()} failed: {message}")
             if not isinstance(exc, InterruptedError):
                 self.log("".join(traceback.format_exception(exc))[-2000:])
@@ -179,12 +206,15 @@ class StreamRunner:
         histories = loop.histories if loop else []
         results = [self._record(spec, i, histories, time.perf_counter() - started, run_ids.get(spec.key), startup)
                    for i, spec in enumerate(specs)]
-        if self.strategy is not None:
-            for actor in self.strategy.actors:
-                ray.kill(actor)
+        self._kill_actors()
         if group is not None:
             remove_placement_group(group)
         return results
+
+    def _kill_actors(self) -> None:
+        if self.strategy is not None:
+            for actor in self.strategy.actors:
+                ray.kill(actor, no_restart=True)
 
     def _record(self, spec: CellSpec, i: int, histories: list, wall: float, run_id, startup: float) -> CellResult:
         history = histories[i] if histories else History(status="failed: the stream did not start")
