@@ -6,7 +6,7 @@
     result = synth.synthesize()          # images in [0, 1] + named loss terms
     x = synth.sample(cfg.batch_size)     # one KD batch
 
-Methods (module name = registry name = CLI name): dafl zskt dfad deepinv dfq cmi fast.
+Methods (module name = registry name = CLI name): dafl zskt dfad deepinv dfq cmi fast nayer.
 Plain PyTorch: nothing here imports ray or mlflow.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .registry import UnknownMethodError, get_method, list_methods
 from .spec import ImageSpec
 
 # Imported for their side effect: each module registers its method, in table order.
-from . import dafl, zskt, dfad, deepinv, dfq, cmi, fast  # noqa: E402,F401  isort: skip
+from . import dafl, zskt, dfad, deepinv, dfq, cmi, fast, nayer  # noqa: E402,F401  isort: skip
 
 
 def make_config(name: str, budget: str = "paper", overrides: Mapping[str, Any] | None = None) -> BaseConfig:

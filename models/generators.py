@@ -83,3 +83,37 @@ def generator_large(latent_dim, image_size, out_channels, ngf=64):
     # Every hidden width is twice the standard generator's, plus one more x2 stage.
     widths = [4 * ngf, 4 * ngf, 2 * ngf, 2 * ngf]
     return UpsamplingGenerator(latent_dim, image_size, out_channels, widths)
+
+
+class NoisyLabelGenerator(nn.Module):
+    """NAYER's generator (Tran et al., CVPR 2024): a fixed per-class label embedding,
+    batch-normalised, goes through a *noisy layer* (one Linear per chunk of `chunk` images,
+    re-drawn from N(0, 1) at every synthesis loop by `reinit_noisy_layer`) into the
+    standard generator body (linear -> BN -> 2 x [up x2, conv3x3, BN, LeakyReLU] -> conv3x3 ->
+    sigmoid). The paper embeds class names with CLIP; no CLIP weights are reachable here,
+    so the embedding is one-hot (the noisy layer then holds one random vector per class).
+    """
+
+    def __init__(self, num_classes: int, image_size: int, out_channels: int, batch_size: int,
+                 chunk: int | None = None, embedding_dim: int = 256, ngf: int = 64):
+        super().__init__()
+        self.register_buffer("label_embedding", torch.eye(num_classes))
+        self.chunk = chunk or num_classes
+        self.norm = nn.BatchNorm1d(num_classes)
+        self.noisy = nn.ModuleList(nn.Linear(num_classes, embedding_dim)
+                                   for _ in range(math.ceil(batch_size / self.chunk)))
+        self.body = UpsamplingGenerator(embedding_dim, image_size, out_channels, [2 * ngf, 2 * ngf, ngf])
+        self.reinit_noisy_layer()
+
+    @torch.no_grad()
+    def reinit_noisy_layer(self) -> None:
+        for layer in self.noisy:
+            nn.init.normal_(layer.weight, 0.0, 1.0)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, targets: torch.Tensor) -> torch.Tensor:
+        e = self.norm(self.label_embedding[targets])
+        parts = e.split(self.chunk)
+        if len(parts) > len(self.noisy):
+            raise ValueError(f"{len(targets)} targets but a noisy layer for {len(self.noisy) * self.chunk}")
+        return self.body(torch.cat([layer(part) for layer, part in zip(self.noisy, parts)]))

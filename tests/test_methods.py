@@ -516,3 +516,35 @@ def test_fast_adversarial_term_waits_for_the_warm_up(teacher, student):
     terms = [set(synth.synthesize().losses) for _ in range(4)]  # 2 rounds per epoch
     assert "adv" not in terms[0] and "adv" not in terms[1] and "adv" in terms[2] and "adv" in terms[3]
     assert synth.bn_statistics is not None and len(synth.bn_statistics) > 0
+
+
+# -- NAYER ---------------------------------------------------------------------------------
+
+def test_nayer_redraws_its_noisy_layer_every_loop_and_keeps_the_generator(teacher, student):
+    cfg = make_config("nayer", "smoke", {"g_loops": 3, "warmup_loops": 3})
+    synth = create_synthesizer("nayer", teacher, student, cfg, SPEC)
+    redraw = synth.generator.reinit_noisy_layer
+    at_start = []
+
+    def recorded():
+        redraw()
+        at_start.append([layer.weight.detach().clone() for layer in synth.generator.noisy])
+
+    synth.generator.reinit_noisy_layer = recorded
+    body_before = [p.detach().clone() for p in synth.generator.body.parameters()]
+    synth.synthesize()
+    assert len(at_start) == 3 and synth.images_synthesized == 3 * cfg.synthesis_batch_size
+    after = [layer.weight.detach() for layer in synth.generator.noisy]
+    assert not any(torch.equal(a, b) for a, b in zip(at_start[-1], after))  # the loop trained it ...
+    assert not torch.equal(at_start[0][0], at_start[1][0])  # ... and the next loop drew it anew
+    assert 0.5 < float(torch.cat([w.flatten() for w in at_start[1]]).std()) < 1.5  # from N(0, 1)
+    # The generator body persists across loops (it is trained, not re-created).
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(body_before, synth.generator.body.parameters()))
+
+
+def test_nayer_targets_are_class_balanced():
+    synth_cls = __import__("methods.nayer", fromlist=["Nayer"]).Nayer
+    cfg = make_config("nayer", "smoke", {"synthesis_batch_size": 25})
+    t = synth_cls.balanced_targets(type("S", (), {"spec": SPEC, "config": cfg, "device": "cpu"})())
+    counts = torch.bincount(t, minlength=10)
+    assert len(t) == 25 and int(counts.min()) >= 2 and torch.equal(t[:20], torch.arange(10).repeat(2))
