@@ -18,12 +18,9 @@ from .base import SynthesisResult, eval_mode, is_better, place
 from .budgets import inversion_budgets
 from .config import BaseConfig, override, param, weight
 from .hooks import BatchNormHooks
-from .inversion import InversionSynthesizer
-from .losses import info_nce, kl_div
+from .inversion import ADV_TEMPERATURE, InversionSynthesizer
+from .losses import agreement_masked_kl, info_nce
 from .registry import register
-
-# The reference scores the adversarial term with KL at T=1, whatever the KD T is.
-ADV_TEMPERATURE = 1.0
 
 
 @dataclass(frozen=True)
@@ -153,12 +150,7 @@ class CMI(InversionSynthesizer):
             hooks.want_stats, local_feat = True, hooks.features()
         terms = {"bn": bn, "oh": F.cross_entropy(t_logits, targets)}
         if self.uses_student:
-            s_logits = self.student(global_view)
-            # Only where student and teacher agree: push the student away from the teacher
-            # without changing which class the image shows.
-            agree = (s_logits.argmax(1) == t_logits.argmax(1)).float()
-            kl = kl_div(s_logits, t_logits, ADV_TEMPERATURE, reduction="per_sample")
-            terms["adv"] = -(kl * agree).mean()
+            terms["adv"] = agreement_masked_kl(self.student(global_view), t_logits, ADV_TEMPERATURE)
         cached_local, cached_global = self.cached_features()
         terms["cr"] = contrastive_loss(self.head, local_feat, global_feat, cached_local, cached_global,
                                        self.config.cr_T)

@@ -7,22 +7,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from models import create_generator
 
-from .augment import crop_and_flip
 from .base import SynthesisResult, eval_mode, is_better, place
 from .budgets import CPU, SMOKE
 from .config import BaseConfig, override, param, weight
 from .hooks import BatchNormHooks
 from .inversion import InversionSynthesizer
-from .losses import kl_div
 from .registry import register
-
-# The adversarial term is scored with KL at T=1, as in CMI, whatever the KD T is.
-ADV_TEMPERATURE = 1.0
-
 
 @dataclass(frozen=True)
 class FastConfig(BaseConfig):
@@ -103,13 +96,7 @@ class Fast(InversionSynthesizer):
                             momentum_rate=cfg.bn_momentum) as hooks, eval_mode(self.student):
             for _ in range(cfg.g_steps):
                 images = fast(z)
-                x = spec.normalize(crop_and_flip(images))
-                t_logits = self.teacher(x)
-                terms = {"bn": hooks.bn_loss(), "oh": F.cross_entropy(t_logits, targets)}
-                if adversarial:
-                    s_logits = self.student(x)
-                    agree = (s_logits.argmax(1) == t_logits.argmax(1)).float()
-                    terms["adv"] = -(kl_div(s_logits, t_logits, ADV_TEMPERATURE, reduction="per_sample") * agree).mean()
+                terms = self.generated_batch_terms(images, targets, hooks, adversarial)
                 total = self.weighted_total(terms)
                 loss = float(total.detach())
                 if best is None or is_better(loss, best_loss):
@@ -127,15 +114,13 @@ class Fast(InversionSynthesizer):
         return SynthesisResult(images, best[1])
 
     def state_dict(self) -> dict:
-        stats = [] if self.bn_statistics is None else [t for pair in self.bn_statistics for t in pair]
         return {**super().state_dict(), "generator": self.generator.state_dict(),
-                "meta_optimizer": self.meta_optimizer.state_dict(), "bn_statistics": stats,
-                "rounds": self.rounds}
+                "meta_optimizer": self.meta_optimizer.state_dict(),
+                "bn_statistics": self.flat_statistics(self.bn_statistics), "rounds": self.rounds}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.generator.load_state_dict(state["generator"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
-        stats = list(state["bn_statistics"])
-        self.bn_statistics = [(stats[i], stats[i + 1]) for i in range(0, len(stats), 2)] or None
+        self.bn_statistics = self.paired_statistics(state["bn_statistics"])
         self.rounds = int(state["rounds"])

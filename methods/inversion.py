@@ -4,10 +4,15 @@ sample the whole pool of kept batches with the dataset's training augmentation."
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .augment import random_crop_with_padding, random_hflip
+from .augment import crop_and_flip, random_crop_with_padding, random_hflip
 from .bank import InstanceBank, from_uint8, to_uint8
 from .base import Synthesizer
+from .losses import agreement_masked_kl
+
+# Adversarial terms are scored with KL at T=1, whatever the KD temperature (as CMI's reference).
+ADV_TEMPERATURE = 1.0
 
 
 def augment_pool_batch(x: torch.Tensor, spec) -> torch.Tensor:
@@ -39,6 +44,28 @@ class InversionSynthesizer(Synthesizer):
                       None if features is None else features.detach().cpu())
         self.images_synthesized += len(images)
         return images
+
+    def generated_batch_terms(self, images: torch.Tensor, targets: torch.Tensor, hooks,
+                              adversarial: bool) -> dict[str, torch.Tensor]:
+        """The terms Fast-DFKD and NAYER minimise on a generated batch, seen through the
+        dataset's crop and flip: BN statistics, one-hot, and (when `adversarial`) the
+        agreement-masked adversarial KL."""
+        x = self.spec.normalize(crop_and_flip(images))
+        t_logits = self.teacher(x)
+        terms = {"bn": hooks.bn_loss(), "oh": F.cross_entropy(t_logits, targets)}
+        if adversarial:
+            terms["adv"] = agreement_masked_kl(self.student(x), t_logits, ADV_TEMPERATURE)
+        return terms
+
+    @staticmethod
+    def flat_statistics(statistics: list | None) -> list:
+        """BN-statistics momentum [(mean, var), ...] as a flat list of tensors (state files)."""
+        return [] if statistics is None else [t for pair in statistics for t in pair]
+
+    @staticmethod
+    def paired_statistics(flat: list) -> list | None:
+        flat = list(flat)
+        return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)] or None
 
     def sample(self, batch_size: int) -> torch.Tensor:
         return self.kd_view(from_uint8(self.bank.sample(batch_size)).to(self.device), self.spec)

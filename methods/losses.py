@@ -104,3 +104,12 @@ def info_nce(anchors: torch.Tensor, positives: torch.Tensor, temperature: float)
     logits = anchors @ positives.t() / temperature
     labels = torch.arange(len(anchors), device=anchors.device)
     return F.cross_entropy(logits, labels, reduction="none")
+
+
+def agreement_masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """CMI's adversarial term: the negative student/teacher KL, counted only on images
+    where both predict the same class, so the images push the student away from the
+    teacher without changing the class they show (also Fast-DFKD's and NAYER's)."""
+    agree = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
+    return -(kl_div(student_logits, teacher_logits, T, reduction="per_sample") * agree).mean()
+

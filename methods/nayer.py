@@ -6,20 +6,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from models.generators import NoisyLabelGenerator
 
-from .augment import crop_and_flip
 from .base import SynthesisResult, eval_mode, is_better, place
 from .budgets import CPU, SMOKE
 from .config import BaseConfig, override, param, weight
 from .hooks import BatchNormHooks
 from .inversion import InversionSynthesizer
-from .losses import kl_div
 from .registry import register
-
-ADV_TEMPERATURE = 1.0  # the adversarial term at T=1, as in CMI and Fast-DFKD
 
 
 @dataclass(frozen=True)
@@ -121,13 +116,7 @@ class Nayer(InversionSynthesizer):
         best, best_loss = None, math.inf
         for _ in range(cfg.g_steps):
             images = self.generator(targets)
-            x = spec.normalize(crop_and_flip(images))
-            t_logits = self.teacher(x)
-            terms = {"bn": hooks.bn_loss(), "oh": F.cross_entropy(t_logits, targets)}
-            if adversarial:
-                s_logits = self.student(x)
-                agree = (s_logits.argmax(1) == t_logits.argmax(1)).float()
-                terms["adv"] = -(kl_div(s_logits, t_logits, ADV_TEMPERATURE, reduction="per_sample") * agree).mean()
+            terms = self.generated_batch_terms(images, targets, hooks, adversarial)
             total = self.weighted_total(terms)
             loss = float(total.detach())
             if best is None or is_better(loss, best_loss):
@@ -138,13 +127,11 @@ class Nayer(InversionSynthesizer):
         return self.keep(best[0], targets), best[1]
 
     def state_dict(self) -> dict:
-        stats = [] if self.bn_statistics is None else [t for pair in self.bn_statistics for t in pair]
-        return {**super().state_dict(), "generator": self.generator.state_dict(), "bn_statistics": stats,
-                "rounds": self.rounds}
+        return {**super().state_dict(), "generator": self.generator.state_dict(),
+                "bn_statistics": self.flat_statistics(self.bn_statistics), "rounds": self.rounds}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.generator.load_state_dict(state["generator"])
-        stats = list(state["bn_statistics"])
-        self.bn_statistics = [(stats[i], stats[i + 1]) for i in range(0, len(stats), 2)] or None
+        self.bn_statistics = self.paired_statistics(state["bn_statistics"])
         self.rounds = int(state["rounds"])

@@ -137,20 +137,31 @@ def method_overrides(methods: list[str], sets: dict[str, str], presets: list[str
     return per_method
 
 
-def read_preset(path: str | Path) -> dict:
-    """A preset in JSON (as orchestrator.tune writes it) or YAML (YAML reads JSON too)."""
+def read_data_file(path: str | Path, flag: str):
+    """A JSON or YAML file's content (JSON first: YAML 1.1 would read 1e-4 as a string);
+    unreadable or malformed files are one UsageError naming the flag, line and column."""
     import yaml
-
-    from orchestrator.search_space import yaml_error
 
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise UsageError(f"--preset {path}: cannot read it ({exc.strerror or exc})") from None
+        raise UsageError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
     try:
-        preset = yaml.safe_load(text)
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise UsageError(f"--preset {path}: not valid JSON or YAML: {yaml_error(exc)}") from None
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise UsageError(f"{flag} {path}: not valid JSON or YAML: {where}{problem}") from None
+
+
+def read_preset(path: str | Path) -> dict:
+    """A preset in JSON (as orchestrator.tune writes it) or YAML."""
+    preset = read_data_file(path, "--preset")
     if not isinstance(preset, dict):
         raise UsageError(f"--preset {path}: expected a mapping with 'method' and 'config'")
     return preset

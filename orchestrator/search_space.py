@@ -29,31 +29,10 @@ _KEYS = {"loguniform": {"low", "high"}, "uniform": {"low", "high"}, "int": {"low
 
 
 def load_space(path: str | Path) -> dict:
-    """A space from a JSON or YAML file (YAML is a superset of JSON, so one parser)."""
-    import yaml
+    """A space from a JSON or YAML file."""
+    from orchestrator.cli import read_data_file
 
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise UsageError(f"--space {path}: cannot read it ({exc.strerror or exc})") from None
-    try:
-        space = json.loads(text)
-    except ValueError:
-        pass
-    else:
-        return _mapping(space, path)
-    try:
-        space = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UsageError(f"--space {path}: not valid JSON or YAML: {yaml_error(exc)}") from None
-    return _mapping(space, path)
-
-
-def yaml_error(exc) -> str:
-    """A YAML parse error as 'line L, column C: problem' (1-based, as editors count)."""
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+    return _mapping(read_data_file(path, "--space"), path)
 
 
 def _mapping(space, path) -> dict:
