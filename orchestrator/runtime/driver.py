@@ -126,15 +126,19 @@ class RayStrategy(Strategy):
         return ray.get([self.trainers[i].end_epoch.remote() for i in students])
 
     def state_dict(self) -> dict:
-        # The synthesizer's state holds its bank (read from the store), so the state file
-        # alone resumes a cell; the snapshot brings back a store that dies mid-epoch.
-        ray.get(self.store.snapshot.remote())
+        # The state file alone resumes a cell: the synthesizer's state holds its bank (read
+        # from the store), and the store's sampling state is in it too. The actors are asked
+        # first: if one has died, nothing is written, and the snapshot (which brings back a
+        # store that dies mid-epoch) never runs ahead of the state file.
         synth, *trainers = ray.get([self.synth.state.remote(), *[t.state.remote() for t in self.trainers]])
-        return {"synthesizer": synth, "trainers": trainers}
+        store_rng = ray.get(self.store.rng_state.remote())
+        ray.get(self.store.snapshot.remote())
+        return {"synthesizer": synth, "trainers": trainers, "store_rng": store_rng}
 
     def load_state_dict(self, state: dict) -> None:
         ray.get([self.synth.load_state.remote(state["synthesizer"]),
-                 *[t.load_state.remote(s) for t, s in zip(self.trainers, state["trainers"])]])
+                 *[t.load_state.remote(s) for t, s in zip(self.trainers, state["trainers"])],
+                 self.store.set_rng_state.remote(state["store_rng"])])
 
 
 class StreamRunner:

@@ -189,6 +189,14 @@ class SyntheticStore:
         return len(self._bank)
 
     @ray.method(**_READ)
+    def rng_state(self) -> str:
+        """The sampling generator's state, as JSON (a cell's state file keeps it)."""
+        return json.dumps(self._rng.bit_generator.state)
+
+    def set_rng_state(self, state: str) -> None:
+        self._rng.bit_generator.state = json.loads(state)
+
+    @ray.method(**_READ)
     def stats(self) -> dict:
         images, labels, features = self._bank._images, self._bank._labels, self._bank._features
         held = sum(0 if f.data is None else f.size * f.data[0].nbytes for f in (images, labels, features))
