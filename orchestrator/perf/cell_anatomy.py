@@ -41,15 +41,16 @@ def main(argv=None) -> int:
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args(argv)
     from orchestrator.cli import UsageError, parse_sets
-    from orchestrator.core.cell import CellKey, CellSpec, run_in_process
+    from orchestrator.core.cell import CellKey, CellSpec, check_cell, run_in_process
     from orchestrator.core.classifiers import DEFAULT_DIR, find_checkpoint
 
     try:
         overrides = {"epochs": "1", **parse_sets(args.set)}
+        key = CellKey("fashion-mnist", "wrn16_2", "wrn16_1", args.method, 0, args.budget)
+        check_cell(key, overrides)  # before anything is read or copied
         teacher = find_checkpoint(Path(args.teacher_dir or DEFAULT_DIR), "fashion-mnist", "wrn16_2")
         if teacher is None:
             raise UsageError("no fashion-mnist wrn16_2 teacher: run python -m orchestrator.teachers first")
-        key = CellKey("fashion-mnist", "wrn16_2", "wrn16_1", args.method, 0, args.budget)
         spec = CellSpec.build(key, overrides, teacher, args.data_root)
     except Exception as exc:  # unknown method, bad value, missing data: one line, exit 2
         print(f"error: {exc}", file=sys.stderr)
