@@ -21,6 +21,7 @@ from __future__ import annotations
 import abc
 import math
 import os
+import re
 import threading
 import time
 import warnings
@@ -114,7 +115,7 @@ class Trainer:
 
     def end_epoch(self) -> float:
         with warnings.catch_warnings():  # after a warm-up epoch no optimizer step came first, on purpose
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         return evaluate(self.student, self.eval_set, self.device)
 
