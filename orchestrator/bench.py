@@ -121,6 +121,8 @@ def make_plan(args) -> Plan:
         archs = {a for pair in pairs[d] for a in (pair if args.baselines else pair[:1])}
         if any(find_checkpoint(teacher_dir, d, a, log=tqdm.write) is None for a in sorted(archs)):
             load_split(d, "train", data_dirs[d])  # a classifier will train on it: fail now, not in Ray
+    for d in datasets:  # every split a cell reads comes from this one folder, never mixed
+        tqdm.write(f"data: {d} from {data_dirs[d]}")
     specs = [CellSpec.build(CellKey(d, t, s, m, seed, args.budget, args.mode), overrides[m],
                             checkpoint_path(teacher_dir, d, t), data_dirs[d])
              for d in datasets for m in methods for seed in seeds for t, s in pairs[d]]

@@ -73,6 +73,7 @@ def test_bench_tables_match_mlflow_a_nan_cell_fails_alone_and_resume_starts_noth
                             "--address", head, extra_env={**HEAD_ENV, **PLUGIN_ENV})
     assert proc.returncode == 1, proc.stderr[-3000:]  # one cell failed
     assert "Connecting to existing Ray cluster" in proc.stderr
+    assert f"data: mnist from {env / 'data' / 'mnist'}" in proc.stdout + proc.stderr  # every split's one folder
     assert "1 failed" in proc.stdout and "mlflow ui --backend-store-uri sqlite:///" in proc.stdout
     client, all_runs = test_bench.runs(out)
     parents = [r for r in all_runs if r.data.tags.get("kind") == "bench"]

@@ -145,6 +145,7 @@ def test_cli_prints_config_epochs_and_final_line(env, tmp_path):
     config_line = next(line for line in proc.stdout.splitlines() if line.startswith("config "))
     assert json.loads(config_line[len("config "):])["g_steps"] == 3
     assert "epoch 1/1" in proc.stdout and "teacher" in proc.stdout.splitlines()[-1]
+    assert f"evaluating on the test split: 64 images from {env / 'data' / 'mnist'}" in proc.stdout + proc.stderr
     saved = json.loads(next(tmp_path.glob("*/config.json")).read_text())
     assert saved["config"]["g_steps"] == 3
 

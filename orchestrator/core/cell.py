@@ -236,6 +236,8 @@ def run_in_process(spec: CellSpec, cell_dir: Path, device="cpu", *, resume: bool
         log(f"seeded the bank with {len(bank)} images from {init_bank}")
     synthesizer = make_synthesizer(spec, teacher, [student], bank, device)
     trainer = make_trainer(spec, student, device)
+    split = "a 10% validation slice of the train split" if spec.eval_split == "val" else "the test split"
+    log(f"evaluating on {split}: {len(trainer.eval_set)} images from {trainer.eval_set.source}")
     cell_dir = Path(cell_dir)
     write_cell_files(cell_dir, spec, History())
     state_path = cell_dir / "state.pt"

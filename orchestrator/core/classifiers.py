@@ -101,7 +101,8 @@ def get_classifier(dataset: str, arch: str, *, out=DEFAULT_DIR, recipe: Recipe |
     test = load_split(dataset, "test", data_root, download)
     torch.manual_seed(seed)
     model = create_model(arch, spec.num_classes, in_channels=spec.channels, image_size=spec.image_size)
-    log(f"training {arch} on {dataset} ({len(train)} images from {train.source}) with {recipe}")
+    log(f"training {arch} on {dataset}: train split {len(train)} images from {train.source}, test split "
+        f"{len(test)} images from {test.source}; {recipe}")
     history = train_classifier(model, train, test, recipe, device=device, seed=seed, progress=progress)
     accuracy = history["test_acc"][-1]  # evaluated after the last epoch
     meta = {
