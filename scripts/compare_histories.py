@@ -19,6 +19,10 @@ def same(a: dict, b: dict) -> bool:
 
 
 def main() -> int:
+    if len(sys.argv) != 3 or not all(Path(a).is_dir() for a in sys.argv[1:]):
+        print("usage: python scripts/compare_histories.py OLD_OUT NEW_OUT  (two history_snapshot.sh folders)",
+              file=sys.stderr)
+        return 2
     old, new = load(Path(sys.argv[1])), load(Path(sys.argv[2]))
     different = 0
     for name in sorted(set(old) | set(new)):

@@ -5,6 +5,10 @@
 #     python scripts/compare_histories.py <out of old> <out of new>
 # Tiny MNIST-format data and a resnet8 teacher (made once under $ROOT), smoke budget, 3 epochs.
 set -u
+if [ $# -ne 2 ] || [ ! -d "$1/methods" ]; then
+  echo "usage: bash scripts/history_snapshot.sh <code tree> <out>  (a checkout of this project, an output folder)" >&2
+  exit 2
+fi
 code=$(cd "$1" && pwd); out=$2; root=${ROOT:-/tmp/dfkd_history_env}
 py=${PYTHON:-$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python}
 mkdir -p "$out"; out=$(cd "$out" && pwd)
