@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     # All checkpoints are checked before anything is printed: a bad one is one clean error.
     models = [(path, load_classifier(path, dataset=args.dataset, num_classes=spec.num_classes,
                                      channels=spec.channels)[0]) for path in args.checkpoints]
+    print(f"test split: {len(test)} images from {test.source}")  # never a silent fallback copy
     print(f"{'checkpoint':60s} {'running BN':>10s} {'batch BN':>9s}  predictions per class")
     for path, model in models:
         running, spread = accuracy_and_spread(model, test, batch_stats=False)

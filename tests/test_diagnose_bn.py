@@ -11,7 +11,9 @@ def test_reports_both_accuracies_and_leaves_running_stats_alone(tiny_mnist, caps
     path = tiny_mnist / "teachers" / "mnist-resnet8.pt"
     before, _ = load_classifier(path, dataset="mnist", num_classes=10, channels=1)
     assert diagnose_bn.main([str(path), "--dataset", "mnist", "--data-root", str(tiny_mnist / "data")]) == 0
-    line = capsys.readouterr().out.splitlines()[1]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"test split: 64 images from {tiny_mnist / 'data' / 'mnist'}"  # the folder read, named
+    line = lines[2]
     running, batch = [float(part.rstrip("%")) for part in line.split()[1:3]]
     assert 0 <= running <= 100 and 0 <= batch <= 100
     spread = ast.literal_eval(line[line.index("["):])  # predictions per class, summing to the test set size

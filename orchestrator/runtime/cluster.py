@@ -10,6 +10,7 @@ from pathlib import Path
 from benchmarks.datasets import get_dataset_spec
 from orchestrator.core.classifiers import checkpoint_path
 from orchestrator.core.errors import UsageError
+from orchestrator.runtime.reaper import start_watcher
 
 
 def check_address(address: str | None) -> None:
@@ -37,6 +38,9 @@ def check_address(address: str | None) -> None:
                          f"start one with `ray start --head --node-ip-address 127.0.0.1` or drop --address") from None
 
 
+_watcher = None  # orchestrator/runtime/reaper.py; referenced so its pipe stays open while we live
+
+
 def start_ray(address: str | None):
     import ray
 
@@ -51,6 +55,8 @@ def start_ray(address: str | None):
         else:
             # "local": always a Ray of our own; a bare ray.init() would join (and fail on
             # num_cpus with) any cluster another user started on this machine with `ray start`.
+            global _watcher
+            _watcher = _watcher or start_watcher()  # a Ray of our own: stopped with us, however we end
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                      **options)
     except Exception as exc:  # ConnectionError, a timed-out raylet, ...: one message, no traceback

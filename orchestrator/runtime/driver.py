@@ -200,8 +200,10 @@ class StreamRunner:
                     self._kill_actors()
         except Exception as exc:  # an actor died, out of memory, MLflow unreachable, interrupted ...
             message = _first_line(exc, last=True)
-            self.log(f"stream {stream.describe()} failed: {message}")
-            if not isinstance(exc, InterruptedError):
+            if isinstance(exc, InterruptedError):
+                self.log(f"stream {stream.describe()} interrupted; --resume continues it after its last epoch")
+            else:
+                self.log(f"stream {stream.describe()} failed: {message}")
                 self.log("".join(traceback.format_exception(exc))[-2000:])
             for h in (loop.histories if loop else []):
                 if h.status == "running":  # Ctrl-C is no failure: the cell continues with --resume
