@@ -169,3 +169,30 @@ def test_a_damaged_resume_state_is_refused_by_name(env, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run_cli(distill_cli.main, [*argv, "--fresh"])
     assert exc.value.code == 0
+
+
+def test_the_curve_scores_a_fixed_subset_and_the_last_epoch_the_whole_split(monkeypatch):
+    """Epochs before the last are scored on the same CURVE_IMAGES images; the last epoch (the
+    number every table reports) on the whole split, also when the cell was resumed."""
+    from types import SimpleNamespace
+
+    from benchmarks.datasets import ImageSet, get_dataset_spec
+    from models import create_model
+    from orchestrator.core import loop
+
+    n = loop.CURVE_IMAGES + 500
+    data = ImageSet(torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8), torch.arange(n) % 10,
+                    get_dataset_spec("mnist"), "memory")
+    scored = []
+    monkeypatch.setattr(loop, "evaluate", lambda model, split, device: scored.append(split) or 0.0)
+    make = lambda: loop.Trainer(create_model("resnet8", num_classes=10, in_channels=1),  # noqa: E731
+                                create_model("resnet8", num_classes=10, in_channels=1),
+                                SimpleNamespace(lr=0.1, epochs=3), data, None)
+    trainer = make()
+    trainer.end_epoch(), trainer.end_epoch()
+    resumed = make()  # a cell resumed after epoch 2 knows its last epoch from the scheduler state
+    resumed.load_state_dict(trainer.state_dict())
+    resumed.end_epoch()
+    assert [len(s) for s in scored] == [loop.CURVE_IMAGES, loop.CURVE_IMAGES, n]
+    assert torch.equal(scored[0].images, scored[1].images)  # the same images every epoch
+    assert torch.equal(scored[0].images, make().curve_set.images)  # and in every cell

@@ -2,10 +2,12 @@
 
 For each of `epochs` epochs, `ep_steps // kd_steps` rounds of [one synthesis round of
 `g_steps` optimisation steps, then `kd_steps` student updates on the KD loss (KL(teacher/T
-|| student/T) * T^2; L1 on logits for DFAD)], then an evaluation of every student. The
+|| student/T) * T^2; L1 on logits for DFAD)], then an evaluation of every student (see below). The
 first `warmup_epochs` epochs only synthesize (Fast-DFKD and NAYER warm their generator up before KD starts). Students: SGD
 momentum 0.9, weight decay 1e-4, cosine schedule over the epochs. After every epoch the
 whole state is checkpointed, so a killed cell continues from its last finished epoch.
+Epochs before the last score a fixed 2,000-image subset of the evaluation split (the curve);
+the last epoch scores all of it (the reported number).
 
 Where the work runs is a `Strategy`, not a second loop: `InProcess` (below; `distill` and
 `tune` trials) holds the synthesizer and the students in this process; the Ray strategy
@@ -85,6 +87,22 @@ class History:
         }
 
 
+# The per-epoch accuracy curve is scored on this many images of the evaluation split (the
+# same ones in every cell and epoch); the last epoch, the number every table reports, on
+# all of it. Scoring all 10,000 test images every epoch was 13-18% of a cell's time
+# (docs/results/speed.md); 2,000 images put a point of the curve within about 1 point (one
+# standard error at 80%).
+CURVE_IMAGES = 2000
+
+
+def curve_subset(data: ImageSet, n: int = CURVE_IMAGES) -> ImageSet:
+    """A fixed subset of `n` images, drawn independently of any run's seed."""
+    if len(data) <= n:
+        return data
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))
+    return data.subset(order[:n].sort().values)
+
+
 class Trainer:
     """The student side of a cell: KD steps on batches from any source, per-epoch cosine
     step and evaluation. Runs in this process (`InProcess`) or inside a Ray trainer actor:
@@ -93,6 +111,7 @@ class Trainer:
     def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, config, eval_set: ImageSet,
                  image_spec, device="cpu"):
         self.teacher, self.student, self.config, self.eval_set = teacher.eval(), place(student, device), config, eval_set
+        self.curve_set = curve_subset(eval_set)
         self.device, self.image_spec = device, image_spec
         self.optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
@@ -117,7 +136,8 @@ class Trainer:
         with warnings.catch_warnings():  # after a warm-up epoch no optimizer step came first, on purpose
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
-        return evaluate(self.student, self.eval_set, self.device)
+        last = self.scheduler.last_epoch >= self.config.epochs  # counts resumed epochs too
+        return evaluate(self.student, self.eval_set if last else self.curve_set, self.device)
 
     def state_dict(self) -> dict:
         return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
