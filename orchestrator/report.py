@@ -97,11 +97,13 @@ def write_tables(long: pd.DataFrame, out: Path, row_order: list[str]) -> dict[st
     for dataset in dict.fromkeys(long.dataset):
         table = accuracy_table(long, dataset, row_order)
         md, tex = out / f"table_{dataset}.md", out / f"table_{dataset}.tex"
-        cost = cost_table(long, dataset, row_order)
+        cost, points = cost_table(long, dataset, row_order), cost_points(long, dataset)
         md.write_text(f"### {dataset}: student test accuracy (%), mean ± std over seeds "
                       f"[published]\n\n{table.to_markdown()}\n"
                       + (f"\n### {dataset}: what each finished cell cost (means over seeds)\n\n"
-                         f"{cost.reset_index().to_markdown(index=False)}\n" if not cost.empty else ""))
+                         f"{cost.reset_index().to_markdown(index=False)}\n" if not cost.empty else "")
+                      + (f"\n### {dataset}: accuracy against synthesis seconds (mean and std over seeds)\n\n"
+                         f"{points.round(2).reset_index().to_markdown(index=False)}\n" if not points.empty else ""))
         tex.write_text(table.to_latex(escape=True))
         paths[f"md_{dataset}"], paths[f"tex_{dataset}"] = md, tex
     return paths
@@ -118,9 +120,60 @@ def plot_curves(curves: dict[str, dict[str, list[float]]], path: Path, title: st
     for label, acc in sorted(curves.items()):
         ax.plot(range(1, len(acc) + 1), acc, marker="o", markersize=3, label=label)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("student test accuracy (%)")
+    # orchestrator/core/loop.py: CURVE_IMAGES
+    ax.set_ylabel("student test accuracy (%)\n(before the last epoch: 2,000 fixed images)", fontsize=8)
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def cost_points(long: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """Per method and pair over its finished seeds: n, mean and std of the student's accuracy
+    and of the synthesis seconds (std 0 for one seed)."""
+    df = long[(long.dataset == dataset) & (long.status == "finished")
+              & long.metric.isin(["accuracy", "synthesis_seconds"])]
+    cells = df.pivot_table(index=["row", "teacher", "student", "seed"], columns="metric", values="value")
+    if cells.empty or not {"accuracy", "synthesis_seconds"} <= set(cells.columns):
+        return pd.DataFrame()
+    grouped = cells.groupby(level=[0, 1, 2])
+    out = pd.DataFrame({"n": grouped.size(),
+                        "accuracy": grouped.accuracy.mean(), "accuracy_std": grouped.accuracy.std().fillna(0.0),
+                        "synthesis_s": grouped.synthesis_seconds.mean(),
+                        "synthesis_s_std": grouped.synthesis_seconds.std().fillna(0.0)})
+    out.index.names = ["Method", "teacher", "student"]
+    return out
+
+
+def plot_cost(long: pd.DataFrame, dataset: str, path: Path) -> Path | None:
+    """Student accuracy against synthesis seconds, one colour per method and pair: a dot per
+    seed, and the mean with one standard deviation on both axes. Log x: the methods differ
+    by orders of magnitude in synthesis cost."""
+    points = cost_points(long, dataset)
+    if points.empty:
+        return None
+    df = long[(long.dataset == dataset) & (long.status == "finished")]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for (row, teacher, student), p in points.iterrows():
+        cell = df[(df.row == row) & (df.teacher == teacher) & (df.student == student)]
+        seeds = cell.pivot_table(index="seed", columns="metric", values="value")
+        dots = ax.scatter(seeds.synthesis_seconds.clip(lower=1e-3), seeds.accuracy, s=12, alpha=0.5)
+        ax.errorbar(max(p.synthesis_s, 1e-3), p.accuracy, xerr=p.synthesis_s_std, yerr=p.accuracy_std, fmt="o",
+                    markersize=6, capsize=3, color=dots.get_facecolor()[0][:3],
+                    label=f"{row} {teacher}->{student} (n={int(p.n)})")
+    ax.set_xscale("log")
+    ax.set_xlabel("synthesis seconds per cell (log)")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title(f"{dataset}: accuracy against synthesis cost")
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
@@ -168,4 +221,6 @@ def bench_tables(plan, results: list, reused: list, finished: dict, metas: dict,
                  if k.dataset == d and acc}
         if lines:
             paths[f"png_{d}"] = plot_curves(lines, plan.out / f"accuracy_{d}.png", f"{d}: accuracy per epoch")
+        if cost := plot_cost(long, d, plan.out / f"accuracy_vs_synthesis_{d}.png"):
+            paths[f"png_cost_{d}"] = cost
     return paths

@@ -106,3 +106,25 @@ def test_one_bench_per_output_folder(tmp_path):
     with OutLock(tmp_path, "bench", log=said.append):  # its owner is gone now
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert "taking over" in said[0] and not lock.exists()
+
+
+def test_accuracy_against_synthesis_cost_summarises_finished_seeds(tmp_path):
+    import pandas as pd
+
+    from orchestrator.core.cell import CellKey
+    from orchestrator.report import cost_points, long_rows, plot_cost
+
+    rows = []
+    for method, seconds, accs in (("cmi", 300.0, [70.0, 72.0, 74.0]), ("fast", 30.0, [71.0, 71.0, 80.0])):
+        for seed, acc in enumerate(accs):
+            key = CellKey("mnist", "resnet8", "resnet8", method, seed, "cpu")
+            rows += long_rows(key, "finished", {"accuracy": acc, "synthesis_seconds": seconds + seed})
+    failed = CellKey("mnist", "resnet8", "resnet8", "fast", 9, "cpu")
+    rows += long_rows(failed, "failed", {"accuracy": 10.0, "synthesis_seconds": 1.0})  # never counted
+    long = pd.DataFrame(rows)
+    points = cost_points(long, "mnist")
+    cmi, fast = points.loc[("CMI", "resnet8", "resnet8")], points.loc[("Fast", "resnet8", "resnet8")]
+    assert (cmi.n, cmi.accuracy, cmi.accuracy_std, cmi.synthesis_s) == (3, 72.0, 2.0, 301.0)
+    assert (fast.n, fast.accuracy, fast.synthesis_s_std) == (3, 74.0, 1.0)
+    assert plot_cost(long, "mnist", tmp_path / "cost.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_cost(long, "cifar10", tmp_path / "none.png") is None and cost_points(long, "cifar10").empty

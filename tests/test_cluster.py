@@ -96,7 +96,8 @@ def test_bench_tables_match_mlflow_a_nan_cell_fails_alone_and_resume_starts_noth
         row = long[(long.method == c.data.tags["cell.method"]) & (long.metric == "accuracy")]
         assert row.value.iloc[0] == pytest.approx(history[-1].value)
         assert f"{history[-1].value:.2f}" in table
-    for name in ("results.csv", "table_mnist.md", "table_mnist.tex", "accuracy_mnist.png"):
+    for name in ("results.csv", "table_mnist.md", "table_mnist.tex", "accuracy_mnist.png",
+                 "accuracy_vs_synthesis_mnist.png"):
         assert (out / name).exists()
     assert {p.parent.name.split("_")[2] for p in (out / "cells").glob("*/grid.png")} >= {"cmi", "throwaway"}
     assert table_row(table, "Throwaway")[1] not in ("", "failed")
