@@ -6,7 +6,8 @@
     result = synth.synthesize()          # images in [0, 1] + named loss terms
     x = synth.sample(cfg.batch_size)     # one KD batch
 
-Methods (module name = registry name = CLI name): dafl zskt dfad deepinv dfq cmi fast nayer.
+Methods (module name = registry name = CLI name): dafl zskt dfad deepinv dfq cmi fast nayer rdskd.
+The student's KD loss (with the CRD option, `kd_criterion=kl+crd`) is `KDObjective` (crd.py).
 Plain PyTorch: nothing here imports ray or mlflow.
 """
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any, Mapping
 from .bank import InstanceBank, from_uint8, to_uint8
 from .base import SynthesisResult, Synthesizer, place
 from .config import BUDGETS, BaseConfig, ConfigError, apply_overrides
+from .crd import KDObjective
 from .losses import kd_loss
 from .registry import UnknownMethodError, get_method, list_methods
 from .spec import ImageSpec
 
 # Imported for their side effect: each module registers its method, in table order.
-from . import dafl, zskt, dfad, deepinv, dfq, cmi, fast, nayer  # noqa: E402,F401  isort: skip
+from . import dafl, zskt, dfad, deepinv, dfq, cmi, fast, nayer, rdskd  # noqa: E402,F401  isort: skip
 
 
 def make_config(name: str, budget: str = "paper", overrides: Mapping[str, Any] | None = None) -> BaseConfig:
@@ -44,7 +46,7 @@ def create_synthesizer(name: str, teacher, student, config: BaseConfig, spec: Im
 
 
 __all__ = [
-    "BUDGETS", "BaseConfig", "ConfigError", "ImageSpec", "InstanceBank", "SynthesisResult",
+    "BUDGETS", "BaseConfig", "ConfigError", "ImageSpec", "InstanceBank", "KDObjective", "SynthesisResult",
     "Synthesizer", "UnknownMethodError", "create_synthesizer", "from_uint8", "get_method",
     "kd_loss", "list_methods", "make_config", "place", "to_uint8",
 ]

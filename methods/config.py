@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .losses import KD_CRITERION_CHOICES
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line saying what and how to fix it."""
@@ -50,7 +52,8 @@ class BaseConfig:
     lr: float = param(0.1, gt=0, help="student learning rate (SGD)")
     lr_g: float = param(1e-3, gt=0, help="synthesis learning rate (Adam)")
     T: float = param(20.0, gt=0, help="KD temperature")
-    kd_criterion: str = param("kl", choices=("kl", "l1"), help="student KD loss")
+    kd_criterion: str = param("kl", choices=KD_CRITERION_CHOICES,
+                              help="student KD loss: kl or l1 on logits; +crd adds CRD (methods/crd.py)")
     warmup_epochs: int = param(0, ge=0, help="first epochs that only synthesize (no KD), e.g. Fast-DFKD, NAYER")
 
     def __post_init__(self):

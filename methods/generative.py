@@ -1,4 +1,4 @@
-"""Shared machinery of the generator methods (DAFL, ZSKT, DFAD, DFQ).
+"""Shared machinery of the generator methods (DAFL, ZSKT, DFAD, DFQ, RDSKD).
 
 A generator G maps z ~ N(0, I) to images; each synthesis round takes `g_steps` Adam
 steps on G's parameters, each on a fresh z, and every KD step samples a fresh batch
@@ -48,18 +48,24 @@ class GeneratorSynthesizer(Synthesizer):
         return config.kd_steps * config.batch_size, None
     # DFQ's BN prior needs the teacher's BatchNorm hooks; the others skip their cost.
     uses_bn_stats = False
+    # Adam with beta1 = 0.5, the GAN setting of the benchmark code's generator methods; a
+    # method whose authors used other betas says so here (RDSKD: Adam's defaults).
+    adam_betas: tuple[float, float] = (0.5, 0.999)
 
     def __init__(self, teacher, student, config, spec, bank=None, device="cpu"):
         super().__init__(teacher, student, config, spec, bank, device)
         self.generator = place(create_generator(
             "generator", config.latent_dim, spec.image_size, spec.channels), self.device)
-        # Adam with beta1 = 0.5, the GAN setting every reference method uses.
-        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr_g, betas=(0.5, 0.999))
+        self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr_g, betas=self.adam_betas)
 
     @abc.abstractmethod
     def loss_terms(self, x: torch.Tensor, t_logits: torch.Tensor, t_features: torch.Tensor,
                    hooks: BatchNormHooks | None) -> dict[str, torch.Tensor]:
         """Unweighted terms for normalised images `x`; each name is a Config weight."""
+
+    def after_step(self, terms: dict[str, torch.Tensor]) -> None:
+        """Called after each generator step with its unweighted terms: a method whose
+        objective depends on earlier steps (RDSKD) updates that state here."""
 
     def adversarial(self, x: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
         """-(student/teacher discrepancy) under the KD criterion: the generator seeks
@@ -83,6 +89,7 @@ class GeneratorSynthesizer(Synthesizer):
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward(inputs=params)
                 self.optimizer.step()
+                self.after_step(terms)
         self.images_synthesized += len(images)
         return SynthesisResult(images.detach().clamp(0, 1).cpu(), self.report(terms, total))
 

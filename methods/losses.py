@@ -52,16 +52,56 @@ KD_CRITERIA: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tenso
     "l1": _l1_logits,
 }
 
+# Representation terms a criterion may add to its logit part ("kl+crd"); the student's side
+# computes them (methods/crd.py: KDObjective), since they need features and trainable heads.
+KD_EXTRAS = ("crd",)
+
+# Every valid `kd_criterion`: a logit criterion, optionally "+" a representation term.
+KD_CRITERION_CHOICES = (*KD_CRITERIA, *(f"{base}+{extra}" for extra in KD_EXTRAS for base in KD_CRITERIA))
+
+
+def split_criterion(criterion: str) -> tuple[str, tuple[str, ...]]:
+    """"kl+crd" -> ("kl", ("crd",)); raises ValueError naming the valid criteria."""
+    base, *extras = criterion.split("+")
+    if base not in KD_CRITERIA or any(e not in KD_EXTRAS for e in extras) or len(set(extras)) != len(extras):
+        raise ValueError(f"unknown kd criterion {criterion!r}; known: {', '.join(KD_CRITERION_CHOICES)}")
+    return base, tuple(extras)
+
 
 def kd_loss(criterion: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             T: float) -> torch.Tensor:
-    """The student's distillation loss ("kl" at temperature T, or "l1" on logits); the
-    generator methods' adversarial term is its negative."""
-    try:
-        fn = KD_CRITERIA[criterion]
-    except KeyError:
-        raise ValueError(f"unknown kd criterion {criterion!r}; known: {', '.join(KD_CRITERIA)}") from None
-    return fn(student_logits, teacher_logits, T)
+    """The logit part of the student's distillation loss ("kl" at temperature T, or "l1"
+    on logits; for "kl+crd" the "kl" part). The generator methods' adversarial term is its
+    negative: a generator has no embedding heads, so it plays against the logit part only."""
+    base, _ = split_criterion(criterion)
+    return KD_CRITERIA[base](student_logits, teacher_logits, T)
+
+
+def exp_increment_penalty(loss: torch.Tensor, reference: float | torch.Tensor) -> torch.Tensor:
+    """RDSKD's damping of loss fluctuations: exp(loss - reference), `reference` a constant
+    (an earlier value of the same loss). Its gradient is exp(loss - reference) * d loss: a
+    loss that rose above its reference is pushed down harder (factor > 1), one that fell
+    below it is pushed less (factor < 1), and at the reference the gradient is the plain
+    loss's (factor 1)."""
+    reference = torch.as_tensor(reference, dtype=loss.dtype, device=loss.device).detach()
+    return torch.exp(loss - reference)
+
+
+def pair_diversity_loss(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """RDSKD's inter-sample diversity term, as its authors' code computes it: the batch's
+    first and second halves (independent latent draws) are paired, and the loss is
+    ||softmax(t_2) - softmax(t_1)||_F / ||x_2 - x_1||_F over the whole halves (one ratio,
+    not one per pair). Minimising it moves the two halves' images apart, relative to how far
+    apart the teacher's predictions on them are. An odd batch leaves its last image out."""
+    half = len(x) // 2
+    if half == 0:
+        return x.new_zeros(())
+    p = F.softmax(logits, dim=1)
+    image_gap = (x[half:2 * half] - x[:half]).flatten().norm()
+    output_gap = (p[half:2 * half] - p[:half]).flatten().norm()
+    # The authors' 1 / (image_gap / output_gap + 1e-20): the same ratio, kept finite here
+    # when two halves coincide (a collapsed generator) instead of dividing by zero.
+    return output_gap / image_gap.clamp_min(1e-12)
 
 
 def bn_loss(hooks: Iterable) -> torch.Tensor:

@@ -58,6 +58,47 @@ def test_resume_continues_after_last_epoch_with_the_same_history(env):
     assert rerun.history.losses == whole.history.losses
 
 
+def test_crd_runs_in_a_cell_and_resumes_with_the_same_history(env):
+    """kd_criterion=kl+crd: the heads and the teacher-embedding queue are in the trainer's
+    checkpoint, so a cell killed after epoch 1 continues as the uninterrupted one."""
+    overrides = {"epochs": 3, "kd_criterion": "kl+crd"}
+    whole = run_cell(env, "dafl", overrides, resume=False)
+    assert whole.history.status == "finished"
+    crd = whole.history.losses["kd/crd"]
+    assert len(crd) == 3 and all(math.isfinite(v) and v > 0 for v in crd)
+    trainer_state = torch.load(whole.cell_dir / "state.pt", weights_only=True)["strategy"]["trainers"][0]
+    queue = trainer_state["objective"]["queue"]
+    assert queue["size"] == 3 * 2 * 8  # 3 epochs of 2 KD steps of 8 teacher embeddings, under its capacity
+    assert set(trainer_state["objective"]["heads"]) == {"student_head.linear.weight", "student_head.linear.bias",
+                                                       "teacher_head.linear.weight", "teacher_head.linear.bias"}
+
+    def killed_after_first_epoch(epoch, metrics):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(env, "dafl", overrides, resume=False, on_epoch=killed_after_first_epoch)
+    rerun = run_cell(env, "dafl", overrides)
+    assert rerun.history.accuracy == whole.history.accuracy
+    assert rerun.history.losses == whole.history.losses
+    resumed_state = torch.load(rerun.cell_dir / "state.pt", weights_only=True)["strategy"]["trainers"][0]
+    assert torch.equal(resumed_state["objective"]["queue"]["buffer"], queue["buffer"])
+    # Without "+crd" the trainer's checkpoint is what it always was.
+    plain = run_cell(env, "dafl", {"epochs": 1}, resume=False)
+    assert "objective" not in torch.load(plain.cell_dir / "state.pt", weights_only=True)["strategy"]["trainers"][0]
+    assert "kd/crd" not in plain.history.losses
+
+
+@pytest.mark.parametrize("value, needle", [("kl+nce", "kd_criterion must be one of kl, l1, kl+crd, l1+crd"),
+                                           ("crd", "kd_criterion must be one of")])
+def test_a_bad_kd_criterion_is_refused_with_one_line(value, needle, tmp_path, capsys):
+    from orchestrator.cli import run_cli
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(distill_cli.main, ["--set", f"kd_criterion={value}", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and needle in err and "Traceback" not in err and err.count("\n") == 1
+
+
 def test_warmup_epochs_only_synthesize(env):
     """A method's warm-up epochs (Fast-DFKD, NAYER) run synthesis but no KD step."""
     from orchestrator.core.cell import make_student
@@ -187,7 +228,7 @@ def test_the_curve_scores_a_fixed_subset_and_the_last_epoch_the_whole_split(monk
     monkeypatch.setattr(loop, "evaluate", lambda model, split, device: scored.append(split) or 0.0)
     make = lambda: loop.Trainer(create_model("resnet8", num_classes=10, in_channels=1),  # noqa: E731
                                 create_model("resnet8", num_classes=10, in_channels=1),
-                                SimpleNamespace(lr=0.1, epochs=3), data, None)
+                                SimpleNamespace(lr=0.1, epochs=3, kd_criterion="kl", T=1.0), data, None)
     trainer = make()
     trainer.end_epoch(), trainer.end_epoch()
     resumed = make()  # a cell resumed after epoch 2 knows its last epoch from the scheduler state

@@ -29,6 +29,7 @@ from methods import (
 )
 from methods import augment, losses
 from methods.cmi import contrastive_loss
+from methods.crd import CRD_WEIGHT, EmbeddingQueue, KDObjective, crd_loss
 from methods.hooks import BatchNormHooks
 from models import create_model
 
@@ -214,7 +215,7 @@ def test_nan_teacher_is_reported_not_raised(name, teacher, student):
     assert any(math.isnan(v) for v in losses_.values()), losses_
 
 
-@pytest.mark.parametrize("name", ["dafl", "cmi"])
+@pytest.mark.parametrize("name", ["dafl", "cmi", "rdskd"])
 def test_synthesizer_state_dict_round_trip(name, teacher, student):
     cfg = make_config(name, "smoke")
     torch.manual_seed(0)
@@ -346,6 +347,10 @@ def test_losses():
     assert torch.allclose(kd_loss("l1", s, t, 20.0), (s - t).abs().mean())
     with pytest.raises(ValueError, match="known: kl, l1"):
         kd_loss("l2", s, t, 1.0)
+    with pytest.raises(ValueError, match="unknown kd criterion 'kl\\+crd\\+crd'"):
+        kd_loss("kl+crd+crd", s, t, 1.0)
+    # A generator plays against the logit part of a "+crd" criterion (it has no embedding heads).
+    assert torch.equal(kd_loss("kl+crd", s, t, 4.0), kd_loss("kl", s, t, 4.0))
     assert torch.allclose(losses.class_balance_loss(torch.zeros(4, 10)), torch.tensor(-math.log(10)))
     assert losses.total_variation(torch.ones(2, 3, 8, 8)) == 0
     assert losses.activation_loss(torch.tensor([[1.0, -3.0]])) == -2.0
@@ -369,6 +374,12 @@ def test_published_presets():
     assert (deepinv.T, deepinv.g_steps, deepinv.lr_g, deepinv.bn, deepinv.tv) == (20.0, 1000, 0.1, 10.0, 0.001)
     assert (cmi.T, cmi.g_steps, cmi.batch_size, cmi.synthesis_batch_size) == (20.0, 200, 128, 256)
     assert (cmi.adv, cmi.cr, cmi.cr_T, cmi.bank_size, cmi.n_neg, cmi.head_dim) == (0.5, 0.8, 0.1, 40960, 4096, 256)
+    rdskd = make_config("rdskd")  # the authors' MNIST scripts (docs/methods.md)
+    assert (rdskd.warmup_epochs, rdskd.epochs, rdskd.ep_steps, rdskd.kd_steps, rdskd.g_steps) == (20, 1020, 120, 1, 1)
+    assert (rdskd.batch_size, rdskd.synthesis_batch_size, rdskd.lr_g) == (512, 512, 1e-3)
+    assert (rdskd.T, rdskd.latent_dim) == (10.0, 100)
+    assert (rdskd.oh, rdskd.balance, rdskd.ds, rdskd.ref_every) == (1.0, 1.0, 1.0, 1)
+    assert get_method("rdskd").adam_betas == (0.9, 0.999) and get_method("dafl").adam_betas == (0.5, 0.999)
 
 
 def test_make_config_budgets_and_overrides():
@@ -396,10 +407,18 @@ def test_make_config_budgets_and_overrides():
     ({"cr_T": "0"}, "cr_T must be > 0"),
     ({"kd_steps": 500}, "kd_steps .* must not exceed ep_steps"),
     ({"kd_criterion": "mse"}, "kd_criterion must be one of kl, l1"),
+    ({"kd_criterion": "kl+mse"}, "kd_criterion must be one of kl, l1, kl\\+crd, l1\\+crd, got 'kl\\+mse'"),
 ])
 def test_make_config_rejects(overrides, message):
     with pytest.raises(ConfigError, match=message):
         make_config("cmi", "paper", overrides)
+
+
+def test_rdskd_config_refuses_a_batch_it_cannot_pair():
+    with pytest.raises(ConfigError, match="synthesis_batch_size \\(1\\) must be at least 2 for rdskd"):
+        make_config("rdskd", "smoke", {"synthesis_batch_size": 1})
+    with pytest.raises(ConfigError, match="ref_every must be >= 1"):
+        make_config("rdskd", "smoke", {"ref_every": 0})
 
 
 def test_make_config_rejects_unknown_budget_and_method():
@@ -548,3 +567,141 @@ def test_nayer_targets_are_class_balanced():
     t = synth_cls.balanced_targets(type("S", (), {"spec": SPEC, "config": cfg, "device": "cpu"})())
     counts = torch.bincount(t, minlength=10)
     assert len(t) == 25 and int(counts.min()) >= 2 and torch.equal(t[:20], torch.arange(10).repeat(2))
+
+
+# -- RDSKD ---------------------------------------------------------------------------------
+
+def test_rdskd_penalty_on_hand_made_numbers():
+    """exp(L - L_ref): a loss that rose above its reference is scaled up, value and gradient
+    alike (factor exp(rise) > 1); at its reference the factor is 1 and the gradient is the
+    plain loss's; a loss that fell is scaled down (factor < 1)."""
+    for value, reference in ((2.5, 2.0), (2.0, 2.0), (1.5, 2.0)):
+        loss = torch.tensor(value, requires_grad=True)
+        penalised = losses.exp_increment_penalty(loss, reference)
+        penalised.backward()
+        factor = math.exp(value - reference)
+        assert penalised.item() == pytest.approx(factor) and loss.grad.item() == pytest.approx(factor)
+    rose, same, fell = (losses.exp_increment_penalty(torch.tensor(v), 2.0).item() for v in (2.5, 2.0, 1.5))
+    assert rose > 1 and same == 1 and fell < 1
+    # The reference is a constant: no gradient flows into it.
+    reference = torch.tensor(2.0, requires_grad=True)
+    losses.exp_increment_penalty(torch.tensor(2.5, requires_grad=True), reference).backward()
+    assert reference.grad is None
+
+
+def test_rdskd_total_penalises_the_conflicting_terms_against_their_reference(teacher, student):
+    synth = create_synthesizer("rdskd", teacher, student, make_config("rdskd", "smoke", {"ds": 2.0}), SPEC)
+    terms = {"oh": torch.tensor(1.5), "balance": torch.tensor(-2.0), "ds": torch.tensor(0.25)}
+    # The first step has no earlier loss: each penalised term counts as a factor 1.
+    assert synth.weighted_total(terms).item() == pytest.approx(1 + 1 + 2.0 * 0.25)
+    synth.references, synth.penalty_steps = {"oh": 1.0, "balance": -1.5}, 1
+    # oh rose by 0.5 (penalised), balance fell by 0.5 (damped), ds is not penalised.
+    assert synth.weighted_total(terms).item() == pytest.approx(math.exp(0.5) + math.exp(-0.5) + 2.0 * 0.25)
+
+
+@pytest.mark.parametrize("ref_every, refreshed_at", [(1, 2), (2, 2), (3, 0)])
+def test_rdskd_reference_is_the_loss_of_the_last_refresh_step(ref_every, refreshed_at, teacher, student):
+    cfg = make_config("rdskd", "smoke", {"g_steps": 3, "ref_every": ref_every})
+    synth = create_synthesizer("rdskd", teacher, student, cfg, SPEC)
+    seen = []
+    original = synth.after_step
+    synth.after_step = lambda terms: (seen.append({k: v.item() for k, v in terms.items()}), original(terms))
+    torch.manual_seed(0)
+    synth.synthesize()
+    assert synth.penalty_steps == 3
+    assert synth.references == {k: pytest.approx(seen[refreshed_at][k]) for k in ("oh", "balance")}
+
+
+def test_rdskd_pair_diversity_on_hand_made_numbers():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [3.0, 4.0], [1.0, 0.0], [9.0, 9.0]])  # the fifth is left out
+    logits = torch.tensor([[0.0, 0.0], [0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0], [5.0, 0.0]])
+    # Halves [x0, x1] and [x2, x3]: image gap ||(3, 4), (0, 0)|| = 5; output gap
+    # ||(0.75 - 0.5, 0.25 - 0.5), (0, 0)|| = sqrt(0.125).
+    assert losses.pair_diversity_loss(x, logits).item() == pytest.approx(math.sqrt(0.125) / 5)
+    assert losses.pair_diversity_loss(x[:1], logits[:1]).item() == 0.0
+
+
+def test_rdskd_resumed_penalty_continues_as_the_uninterrupted_one(teacher, student):
+    cfg = make_config("rdskd", "smoke", {"g_steps": 2})
+    torch.manual_seed(0)
+    whole = create_synthesizer("rdskd", teacher, student, cfg, SPEC)
+    whole.synthesize()
+    buffer = io.BytesIO()
+    torch.save(whole.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = create_synthesizer("rdskd", teacher, student, cfg, SPEC)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.references == whole.references and resumed.penalty_steps == 2
+    rng = torch.get_rng_state()
+    expected = whole.synthesize().losses
+    torch.set_rng_state(rng)
+    assert resumed.synthesize().losses == expected
+
+
+# -- CRD (a KD-criterion option of every method) --------------------------------------------
+
+def test_crd_loss_prefers_aligned_embeddings():
+    torch.manual_seed(0)
+    emb = nn.functional.normalize(torch.randn(16, 128), dim=1)
+    negatives = nn.functional.normalize(torch.randn(64, 128), dim=1)
+    aligned = crd_loss(emb, emb, negatives)
+    shuffled = crd_loss(emb, emb.roll(1, dims=0), negatives)
+    assert aligned < shuffled
+    # More negatives make the same task harder (a larger partition function).
+    assert crd_loss(emb, emb, negatives[:0]) < aligned
+    # By hand: two orthogonal rows, no negatives, temperature 1: -log(e / (e + 1)).
+    eye = torch.eye(2)
+    assert crd_loss(eye, eye, torch.empty(0, 2), 1.0).item() == pytest.approx(-math.log(math.e / (math.e + 1)))
+
+
+def test_crd_queue_is_fifo_and_bounded():
+    queue = EmbeddingQueue(capacity=5, dim=2)
+    rows = torch.arange(20, dtype=torch.float).view(10, 2)  # row i is (2i, 2i + 1)
+    queue.push(rows[:3])
+    assert len(queue) == 3 and torch.equal(queue.rows(), rows[:3])
+    queue.push(rows[3:7])  # 7 rows pushed into 5 places: the two oldest leave
+    assert len(queue) == 5 and torch.equal(queue.rows(), rows[2:7])
+    state = queue.state_dict()
+    queue.push(rows[7:8])
+    assert torch.equal(queue.rows(), rows[3:8])
+    restored = EmbeddingQueue(capacity=5, dim=2)
+    restored.load_state_dict(state)
+    restored.push(rows[7:8])  # the restored queue evicts in the same order
+    assert torch.equal(restored.rows(), queue.rows())
+    queue.push(rows)  # more than it holds: the newest five
+    assert len(queue) == 5 and torch.equal(queue.rows(), rows[5:])
+
+
+def test_crd_objective_trains_heads_and_student_and_fills_its_queue(teacher):
+    torch.manual_seed(0)
+    student_ = create_model("resnet8", num_classes=10).train()
+    objective = KDObjective("kl+crd", 4.0, student_.num_features, teacher.num_features, queue_size=12)
+    assert objective.uses_features and len(list(objective.parameters())) == 4  # two Linear heads
+    x = SPEC.normalize(smooth_images(8))
+    with torch.no_grad():
+        t_logits, t_features = teacher(x, return_features=True)
+    for step in (1, 2):  # the second step has the first step's teacher embeddings as negatives
+        s_logits, s_features = student_(x, return_features=True)
+        terms = objective(s_logits, t_logits, s_features, t_features)
+        assert set(terms) == {"loss", "crd"}
+        assert len(objective.queue) == min(8 * step, 12)  # bounded by its capacity
+        expected = kd_loss("kl", s_logits, t_logits, 4.0) + CRD_WEIGHT * terms["crd"]
+        assert torch.allclose(terms["loss"], expected)
+        student_.zero_grad(), objective.zero_grad()
+        terms["loss"].backward()
+        for module in (objective.student_head, objective.teacher_head, student_):
+            assert all(p.grad is not None for p in module.parameters() if p.requires_grad), module
+            assert sum(float(p.grad.abs().sum()) for p in module.parameters()) > 0
+    assert not objective.queue.rows().requires_grad  # queued embeddings are constants
+    # Without "+crd": no heads, no state, the plain logit loss.
+    plain = KDObjective("kl", 4.0)
+    assert not plain.uses_features and not list(plain.parameters()) and plain.state() == {}
+    assert torch.equal(plain(s_logits, t_logits)["loss"], kd_loss("kl", s_logits, t_logits, 4.0))
+
+
+def test_crd_heads_do_not_move_the_random_stream(teacher):
+    torch.manual_seed(0)
+    KDObjective("kl+crd", 4.0, 64, teacher.num_features)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(1), after)

@@ -2,7 +2,8 @@
 
 For each of `epochs` epochs, `ep_steps // kd_steps` rounds of [one synthesis round of
 `g_steps` optimisation steps, then `kd_steps` student updates on the KD loss (KL(teacher/T
-|| student/T) * T^2; L1 on logits for DFAD)], then an evaluation of every student (see below). The
+|| student/T) * T^2; L1 on logits for DFAD; `kd_criterion=kl+crd` adds CRD, methods/crd.py)],
+then an evaluation of every student (see below). The
 first `warmup_epochs` epochs only synthesize (Fast-DFKD and NAYER warm their generator up before KD starts). Students: SGD
 momentum 0.9, weight decay 1e-4, cosine schedule over the epochs. After every epoch the
 whole state is checkpointed, so a killed cell continues from its last finished epoch.
@@ -34,7 +35,7 @@ from typing import Callable
 import torch
 
 from benchmarks.datasets import ImageSet
-from methods import kd_loss, place
+from methods import KDObjective, place
 from orchestrator.core.training import evaluate
 
 
@@ -113,24 +114,36 @@ class Trainer:
         self.teacher, self.student, self.config, self.eval_set = teacher.eval(), place(student, device), config, eval_set
         self.curve_set = curve_subset(eval_set)
         self.device, self.image_spec = device, image_spec
-        self.optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
+        # The KD criterion; with "+crd" it owns embedding heads (trained by the student's
+        # optimizer, in the same parameter group) and a queue of teacher embeddings.
+        self.objective = KDObjective(config.kd_criterion, config.T, self.student.num_features,
+                                     self.teacher.num_features, device=device)
+        self.optimizer = torch.optim.SGD([*student.parameters(), *self.objective.parameters()], lr=config.lr,
+                                         momentum=0.9, weight_decay=1e-4)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
 
     def kd_steps(self, sample: Callable[[int], torch.Tensor]) -> dict[str, float]:
-        """`config.kd_steps` student updates on `sample(batch_size)` ([0, 1] images)."""
+        """`config.kd_steps` student updates on `sample(batch_size)` ([0, 1] images). Reports
+        the mean total loss ("loss") and the mean of each extra term (e.g. "crd")."""
         cfg, norm = self.config, self.image_spec.normalize
+        features = self.objective.uses_features
         self.student.train()
-        total = 0.0
+        sums: dict[str, float] = {}
         for _ in range(cfg.kd_steps):
             x = norm(sample(cfg.batch_size))
             with torch.no_grad():
-                t_logits = self.teacher(x)
-            loss = kd_loss(cfg.kd_criterion, self.student(x), t_logits, cfg.T)
+                t_out = self.teacher(x, return_features=features)
+            s_out = self.student(x, return_features=features)
+            if features:  # (logits, penultimate features) from each network
+                terms = self.objective(s_out[0], t_out[0], s_out[1], t_out[1])
+            else:
+                terms = self.objective(s_out, t_out)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            terms["loss"].backward()
             self.optimizer.step()
-            total += loss.item()
-        return {"loss": total / cfg.kd_steps}
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+        return {name: value / cfg.kd_steps for name, value in sums.items()}
 
     def end_epoch(self) -> float:
         with warnings.catch_warnings():  # after a warm-up epoch no optimizer step came first, on purpose
@@ -140,13 +153,19 @@ class Trainer:
         return evaluate(self.student, self.eval_set if last else self.curve_set, self.device)
 
     def state_dict(self) -> dict:
-        return {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}
+        state = {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        objective = self.objective.state()
+        if objective:  # only with "+crd": a plain criterion's state stays what it always was
+            state["objective"] = objective
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.objective.uses_features:
+            self.objective.load_state(state["objective"])
 
 
 @dataclass
