@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
-from orchestrator.core.errors import UsageError
+from orchestrator.core.errors import Terminated, UsageError, raise_terminated
 
 __all__ = ["ArgumentParser", "UsageError", "add_data_args", "check_writable", "method_overrides",
            "parse_device", "parse_pairs", "parse_sets", "resolve_teacher", "run_cli", "split_list"]
@@ -35,15 +35,22 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> NoReturn:
-    """Runs `main`, turning user errors into `error: ...` on stderr and exit code 2."""
+    """Runs `main`, turning user errors into `error: ...` on stderr and exit code 2, and
+    Ctrl-C or SIGTERM into an orderly stop that keeps finished work (exit 130 / 143)."""
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         code = main(argv)
     except user_error_types() as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; finished work is kept on disk", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        stopped = isinstance(exc, Terminated)
+        print(f"{'terminated' if stopped else 'interrupted'}; finished work is kept on disk", file=sys.stderr)
+        sys.exit(143 if stopped else 130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(code or 0)
 
 

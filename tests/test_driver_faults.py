@@ -1,6 +1,7 @@
 """The bench driver stopped as users stop it, run from the command line on the default local
-Ray: Ctrl-C (SIGINT to the terminal's process group), then `--resume`; that resume killed
-with SIGKILL, then `--resume` again. After each stop no Ray process is left running; each
+Ray: Ctrl-C (SIGINT to the terminal's process group), then `--resume`; that resume stopped
+with SIGTERM (what a scheduler or `kill` sends), then `--resume`; that one killed with
+SIGKILL, then `--resume` again. After each stop no Ray process is left running; each
 resume continues the half-done cell after its last finished epoch; the MLflow runs of the
 stopped drivers end KILLED, never RUNNING or FINISHED; the last resume finishes the cell with
 every epoch recorded once. The actor- and store-level faults are in tests/test_store.py."""
@@ -19,7 +20,7 @@ import psutil
 from tests import test_bench
 from tests.test_cluster import wait_for
 
-EPOCHS = 4
+EPOCHS = 5
 
 
 def start(env, out: Path, log: Path, *extra) -> subprocess.Popen:
@@ -67,17 +68,27 @@ def test_ctrl_c_then_kill_9_then_resume_continues_and_leaves_nothing_behind(tiny
     assert (cell / "state.pt").exists() and "--resume continues it" in log1.read_text()
     first_stop = epochs_logged(log1)
 
-    # 2. resume; SIGKILL the driver once it has finished an epoch of its own
+    # 2. resume; SIGTERM: the same orderly stop as Ctrl-C
     log2 = tmp_path / "2.log"
+    proc = start(env, out, log2, "--resume")
+    wait_for(lambda: epochs_logged(log2) >= 1, 180, "an epoch after the resume", proc)
+    assert stop_and_check_nothing_is_left(proc, signal.SIGTERM, log2) == 143
+    text2 = log2.read_text()
+    assert f"continuing after epoch {first_stop}" in text2 and "terminated; finished work is kept" in text2, text2
+    assert json.loads((cell / "history.json").read_text())["status"] == "interrupted"
+    term_stop = first_stop + epochs_logged(log2)
+
+    # 3. resume; SIGKILL the driver once it has finished an epoch of its own
+    log2 = tmp_path / "2b.log"
     proc = start(env, out, log2, "--resume")
     wait_for(lambda: epochs_logged(log2) >= 1, 180, "an epoch after the resume", proc)
     stop_and_check_nothing_is_left(proc, signal.SIGKILL, log2)
     text2 = log2.read_text()
-    assert f"continuing after epoch {first_stop}" in text2, text2[-3000:]
-    second_stop = first_stop + epochs_logged(log2)
+    assert f"continuing after epoch {term_stop}" in text2, text2[-3000:]
+    second_stop = term_stop + epochs_logged(log2)
     assert second_stop < EPOCHS, "the cell finished before the kill: make it longer"
 
-    # 3. resume to the end: a normal exit leaves nothing behind either
+    # 4. resume to the end: a normal exit leaves nothing behind either
     log3 = tmp_path / "3.log"
     proc = start(env, out, log3, "--resume")
     wait_for(lambda: "continuing after epoch" in log3.read_text(), 180, "the last resume to start", proc)
@@ -86,7 +97,7 @@ def test_ctrl_c_then_kill_9_then_resume_continues_and_leaves_nothing_behind(tiny
     assert not psutil.wait_procs(ray, timeout=30)[1], "orphaned after a normal exit"
     text3 = log3.read_text()
     assert "taking over the lock of a bench that is gone" in text3
-    assert "marked 2 run(s) KILLED" in text3  # the killed driver's parent and cell runs
+    assert "marked 2 run(s) KILLED" in text3  # the killed driver's parent and cell runs (the others closed theirs)
     resumed_from = int(text3.split("continuing after epoch ")[1].split()[0])
     assert second_stop <= resumed_from < EPOCHS  # never from scratch, never before the kill
     history = json.loads((cell / "history.json").read_text())
@@ -94,6 +105,6 @@ def test_ctrl_c_then_kill_9_then_resume_continues_and_leaves_nothing_behind(tiny
 
     _, runs = test_bench.runs(out)
     status = lambda kind: sorted(r.info.status for r in runs if kind(r.data.tags))  # noqa: E731
-    assert status(lambda t: t.get("kind") == "bench") == ["FINISHED", "KILLED", "KILLED"]
-    assert status(lambda t: "cell.method" in t) == ["FINISHED", "KILLED", "KILLED"]
+    assert status(lambda t: t.get("kind") == "bench") == ["FINISHED", "KILLED", "KILLED", "KILLED"]
+    assert status(lambda t: "cell.method" in t) == ["FINISHED", "KILLED", "KILLED", "KILLED"]
     assert not (out / ".lock").exists()

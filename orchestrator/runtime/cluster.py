@@ -4,12 +4,13 @@ message, exit 2) for what the user can fix."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from pathlib import Path
 
 from benchmarks.datasets import get_dataset_spec
 from orchestrator.core.classifiers import checkpoint_path
-from orchestrator.core.errors import UsageError
+from orchestrator.core.errors import UsageError, keep_sigterm_handler
 from orchestrator.runtime.reaper import start_watcher
 
 
@@ -49,6 +50,7 @@ def start_ray(address: str | None):
     # worker too: the variable travels with the job (the modules must import on every node).
     plugins = os.environ.get("DFKD_METHOD_MODULES")
     options = {"runtime_env": {"env_vars": {"DFKD_METHOD_MODULES": plugins}}} if plugins else {}
+    sigterm = signal.getsignal(signal.SIGTERM)
     try:
         if address:
             ray.init(address=address, log_to_driver=False, **options)
@@ -62,6 +64,7 @@ def start_ray(address: str | None):
     except Exception as exc:  # ConnectionError, a timed-out raylet, ...: one message, no traceback
         raise UsageError(f"cannot start or join Ray at {address or 'local'}: "
                          f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
+    keep_sigterm_handler(sigterm)
     return ray
 
 
