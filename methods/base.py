@@ -1,9 +1,10 @@
 """The Synthesizer interface every DFKD method implements, and its shared helpers.
 
 The round loop (orchestrator/core/loop.py) only ever calls `synthesize()`, `sample()`,
-`state_dict()`, `load_state_dict()` and reads `images_synthesized`. What a method needs
+`state_dict()`, `load_state_dict()` and reads `images_synthesized` (and, for a method whose
+config asks for one-stage rounds, `begin_joint()` / `end_joint()`). What a method needs
 from wherever it runs (in one process or across Ray actors) it declares on its class
-(`fresh_kd_batches`, `store_capacity`, `kd_view`, its config's `warmup_epochs`), so
+(`fresh_kd_batches`, `store_capacity`, `kd_view`, `joint_steps`, its config's `warmup_epochs`), so
 nothing outside methods/ asks which method, or which kind of method, it runs.
 """
 from __future__ import annotations
@@ -110,6 +111,17 @@ class Synthesizer(abc.ABC):
     def store_capacity(cls, config: BaseConfig) -> tuple[int | None, int | None]:
         """(images, feature rows) the method's bank or store must hold; None = unbounded."""
         return None, None
+
+    @classmethod
+    def joint_steps(cls, config: BaseConfig) -> int:
+        """How many of a round's steps are joint steps (one-stage updates, docs/methods.md):
+        one generator step and one KD step from a single forward and backward, split across
+        `begin_joint()`, a trainer's `joint_step()` and `end_joint()`. 0: two stages."""
+        return 0
+
+    @property
+    def one_stage(self) -> bool:
+        return self.joint_steps(self.config) > 0
 
     @staticmethod
     def kd_view(images: torch.Tensor, spec: ImageSpec) -> torch.Tensor:

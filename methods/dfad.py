@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import BaseConfig, override, weight
-from .generative import GeneratorConfig, GeneratorSynthesizer
+from .generative import GeneratorSynthesizer, OneStageConfig
 from .registry import register
 
 
 @dataclass(frozen=True)
-class DFADConfig(GeneratorConfig):
+class DFADConfig(OneStageConfig):
     """Published preset (CIFAR-10, wrn40_2 -> wrn16_1): adv 1 with L1 on logits."""
 
     kd_criterion: str = override(BaseConfig, "kd_criterion", "l1")

@@ -16,7 +16,7 @@ from models import create_generator
 
 from .base import SynthesisResult, Synthesizer, eval_mode, place
 from .budgets import GENERATOR_BUDGETS
-from .config import BaseConfig, override, param
+from .config import BaseConfig, ConfigError, override, param
 from .hooks import BatchNormHooks
 from .losses import kd_loss
 
@@ -37,6 +37,35 @@ class GeneratorConfig(BaseConfig):
     latent_dim: int = param(256, ge=1, help="generator latent size")
 
 
+@dataclass(frozen=True)
+class OneStageConfig(GeneratorConfig):
+    """A generator method whose generator loss is exactly adv * -(the student's KD loss),
+    with no other term (DFAD, ZSKT): its two stages may merge into joint steps, one forward
+    and one backward each (Shen et al., CVPR 2021; docs/methods.md, "One-stage updates")."""
+
+    one_stage: bool = param(False, help="joint generator/student steps: one forward and one backward for both")
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.one_stage:
+            return
+        # Each joint step is a generator step and a student step on the same batch; the
+        # generator can only mirror the student's loss if that loss is the plain logit one.
+        reasons = [
+            (self.g_steps > self.kd_steps, f"g_steps ({self.g_steps}) must not exceed kd_steps ({self.kd_steps}): "
+                                           "each generator step is also one of the round's KD steps"),
+            (self.synthesis_batch_size != self.batch_size,
+             f"synthesis_batch_size ({self.synthesis_batch_size}) must equal batch_size ({self.batch_size}): "
+             "a joint step trains generator and student on one batch"),
+            ("+" in self.kd_criterion, f"kd_criterion {self.kd_criterion!r} adds a term the generator does not "
+                                       "maximise; use kl or l1"),
+            (self.warmup_epochs > 0, "warmup_epochs must be 0: a joint step needs a student step"),
+        ]
+        for bad, why in reasons:
+            if bad:
+                raise ConfigError(f"one_stage=true: {why}")
+
+
 class GeneratorSynthesizer(Synthesizer):
     kind = "generator"
     fresh_kd_batches = True  # every KD step trains on a fresh batch from the generator
@@ -44,8 +73,14 @@ class GeneratorSynthesizer(Synthesizer):
 
     @classmethod
     def store_capacity(cls, config):
-        """One round of fresh KD images (kd_steps batches), for a runtime that ships them."""
-        return config.kd_steps * config.batch_size, None
+        """One round of fresh KD images (its kd_steps batches less the joint steps', which
+        use the generator's own batch), for a runtime that ships them."""
+        return max(config.kd_steps - cls.joint_steps(config), 1) * config.batch_size, None
+
+    @classmethod
+    def joint_steps(cls, config) -> int:
+        # A capability of the config: only OneStageConfig has the switch.
+        return config.g_steps if getattr(config, "one_stage", False) else 0
     # DFQ's BN prior needs the teacher's BatchNorm hooks; the others skip their cost.
     uses_bn_stats = False
     # Adam with beta1 = 0.5, the GAN setting of the benchmark code's generator methods; a
@@ -57,6 +92,7 @@ class GeneratorSynthesizer(Synthesizer):
         self.generator = place(create_generator(
             "generator", config.latent_dim, spec.image_size, spec.channels), self.device)
         self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=config.lr_g, betas=self.adam_betas)
+        self._joint_images: torch.Tensor | None = None  # a joint step's generator output, graph kept
 
     @abc.abstractmethod
     def loss_terms(self, x: torch.Tensor, t_logits: torch.Tensor, t_features: torch.Tensor,
@@ -92,6 +128,33 @@ class GeneratorSynthesizer(Synthesizer):
                 self.after_step(terms)
         self.images_synthesized += len(images)
         return SynthesisResult(images.detach().clamp(0, 1).cpu(), self.report(terms, total))
+
+    # -- one-stage rounds: begin_joint, a trainer's joint_step, end_joint ---------------
+
+    def begin_joint(self) -> torch.Tensor:
+        """The generator's forward pass of a joint step, on a fresh z and in train mode as in
+        `synthesize`; its graph is kept for `end_joint`. Returns the images ([0, 1], detached)."""
+        self.teacher.eval()
+        self.generator.train()
+        z = torch.randn(self.config.synthesis_batch_size, self.config.latent_dim, device=self.device)
+        self._joint_images = self.generator(z)
+        return self._joint_images.detach()
+
+    def end_joint(self, grad_images: torch.Tensor, kd_loss: float, closes_round: bool = True) -> dict[str, float]:
+        """The generator's backward pass and Adam step of a joint step. `grad_images`: d(the
+        student's KD loss) / d(images), from the trainer's `joint_step`; `kd_loss`: that loss.
+        The generator minimises adv * -kd, so its image gradient is the reversed one, -adv *
+        grad_images. Reports the terms `synthesize` reports; `closes_round`: the round's last
+        joint step, which counts its batch as synthesized (one batch per round, as `synthesize`)."""
+        images, self._joint_images = self._joint_images, None
+        weight = self.config.adv
+        self.optimizer.zero_grad(set_to_none=True)
+        images.backward(-weight * grad_images.to(images.device), inputs=list(self.generator.parameters()))
+        self.optimizer.step()
+        if closes_round:
+            self.images_synthesized += len(images)
+        adv = -float(kd_loss)
+        return {"adv": adv, "total": weight * adv}
 
     @torch.no_grad()
     def sample(self, batch_size: int) -> torch.Tensor:

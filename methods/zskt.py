@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import weight
-from .generative import GeneratorConfig, GeneratorSynthesizer
+from .generative import GeneratorSynthesizer, OneStageConfig
 from .registry import register
 
 
 @dataclass(frozen=True)
-class ZSKTConfig(GeneratorConfig):
+class ZSKTConfig(OneStageConfig):
     """Published preset (CIFAR-10, wrn40_2 -> wrn16_1): adv 1, KL at T=1 (see T)."""
 
     adv: float = weight(1.0, "negative student/teacher KL")

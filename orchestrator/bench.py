@@ -33,6 +33,7 @@ from orchestrator.cli import (ArgumentParser, OutLock, UsageError, check_writabl
 from orchestrator.core.cell import CellKey, CellResult, CellSpec, check_cell
 from orchestrator.core.classifiers import DEFAULT_DIR as DEFAULT_TEACHER_DIR
 from orchestrator.core.classifiers import checkpoint_path, find_checkpoint, sha256
+from orchestrator.core.loop import check_one_stage_students
 from orchestrator.core.provenance import cell_provenance
 from orchestrator.report import bench_tables
 from orchestrator.tracking import Tracker, cell_key, check_tracking_uri, flatten_params, resolve_tracking_uri
@@ -126,6 +127,10 @@ def make_plan(args) -> Plan:
     specs = [CellSpec.build(CellKey(d, t, s, m, seed, args.budget, args.mode), overrides[m],
                             checkpoint_path(teacher_dir, d, t), data_dirs[d])
              for d in datasets for m in methods for seed in seeds for t, s in pairs[d]]
+    for spec in specs if args.mode == "shared" else []:  # a shared stream: every student of one teacher
+        k = spec.key
+        check_one_stage_students(spec.method.joint_steps(spec.config) > 0,
+                                 sum(t == k.teacher for t, _ in pairs[k.dataset]))
     from orchestrator.runtime.cluster import check_address
     check_address(args.address)
     out = Path(args.out).resolve()

@@ -10,6 +10,12 @@ whole state is checkpointed, so a killed cell continues from its last finished e
 Epochs before the last score a fixed 2,000-image subset of the evaluation split (the curve);
 the last epoch scores all of it (the reported number).
 
+A method whose config asks for one-stage rounds (`one_stage=true`, DFAD and ZSKT; see
+docs/methods.md) replaces the round's synthesis round and first `g_steps` KD steps by as many
+joint steps (`Strategy.joint_steps`): the generator's forward, one KD step whose backward
+also yields the gradient of the student's loss to the images, and the generator's step on
+that gradient reversed. The round's other KD steps follow as usual.
+
 Where the work runs is a `Strategy`, not a second loop: `InProcess` (below; `distill` and
 `tune` trials) holds the synthesizer and the students in this process; the Ray strategy
 (orchestrator/runtime/driver.py; `bench`) drives a synthesizer actor, trainer actors and a
@@ -35,7 +41,7 @@ from typing import Callable
 import torch
 
 from benchmarks.datasets import ImageSet
-from methods import KDObjective, place
+from methods import ConfigError, KDObjective, place
 from orchestrator.core.training import evaluate
 
 
@@ -122,28 +128,54 @@ class Trainer:
                                          momentum=0.9, weight_decay=1e-4)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
 
-    def kd_steps(self, sample: Callable[[int], torch.Tensor]) -> dict[str, float]:
-        """`config.kd_steps` student updates on `sample(batch_size)` ([0, 1] images). Reports
-        the mean total loss ("loss") and the mean of each extra term (e.g. "crd")."""
-        cfg, norm = self.config, self.image_spec.normalize
-        features = self.objective.uses_features
+    def kd_steps(self, sample: Callable[[int], torch.Tensor], steps: int | None = None) -> dict[str, float]:
+        """`steps` (default `config.kd_steps`) student updates on `sample(batch_size)` ([0, 1]
+        images). Reports the mean total loss ("loss") and the mean of each extra term (e.g.
+        "crd"); nothing for 0 steps."""
+        cfg = self.config
+        steps = cfg.kd_steps if steps is None else steps
         self.student.train()
         sums: dict[str, float] = {}
-        for _ in range(cfg.kd_steps):
-            x = norm(sample(cfg.batch_size))
+        for _ in range(steps):
+            x = self.image_spec.normalize(sample(cfg.batch_size))
             with torch.no_grad():
-                t_out = self.teacher(x, return_features=features)
-            s_out = self.student(x, return_features=features)
-            if features:  # (logits, penultimate features) from each network
-                terms = self.objective(s_out[0], t_out[0], s_out[1], t_out[1])
-            else:
-                terms = self.objective(s_out, t_out)
-            self.optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            self.optimizer.step()
+                t_out = self.teacher(x, return_features=self.objective.uses_features)
+            terms = self._update(x, t_out)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.item()
-        return {name: value / cfg.kd_steps for name, value in sums.items()}
+        return {name: value / steps for name, value in sums.items()}
+
+    def joint_step(self, images: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+        """The student's half of a one-stage joint step (methods/generative.py): one KD step
+        on the generator's `images` ([0, 1]) whose backward also yields d loss / d images,
+        through the student and the teacher, for the generator. The teacher stays frozen:
+        it runs with a graph to its input, but the backward reaches only the student's
+        parameters and the images. Returns (loss terms, image gradient)."""
+        self.student.train()
+        images = images.detach().to(self.device).requires_grad_(True)
+        x = self.image_spec.normalize(images)
+        t_out = self.teacher(x, return_features=self.objective.uses_features)
+        terms = self._update(x, t_out, [images])
+        return {name: value.item() for name, value in terms.items()}, images.grad
+
+    def _update(self, x: torch.Tensor, t_out, also: list | None = None) -> dict[str, torch.Tensor]:
+        """One optimizer step on the KD loss of normalised `x` against teacher outputs
+        `t_out`. With `also`, the backward reaches only the optimizer's parameters and those
+        tensors (a teacher with a graph gets no gradients); without, every leaf in the graph."""
+        features = self.objective.uses_features
+        s_out = self.student(x, return_features=features)
+        if features:  # (logits, penultimate features) from each network
+            terms = self.objective(s_out[0], t_out[0], s_out[1], t_out[1])
+        else:
+            terms = self.objective(s_out, t_out)
+        self.optimizer.zero_grad(set_to_none=True)
+        if also is None:
+            terms["loss"].backward()
+        else:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            terms["loss"].backward(inputs=[*params, *also])
+        self.optimizer.step()
+        return terms
 
     def end_epoch(self) -> float:
         with warnings.catch_warnings():  # after a warm-up epoch no optimizer step came first, on purpose
@@ -176,6 +208,10 @@ class RoundOutput:
     images_synthesized: int  # cumulative
     seconds: float  # synthesis
     kd_sample_seconds: float = 0.0  # drawing the round's fresh KD images, booked as KD time
+    # A one-stage round: its first `joint_steps` KD steps were joint steps; per student,
+    # their mean loss terms and the seconds of the student's half (booked as KD time).
+    joint_steps: int = 0
+    joint_kd: dict[int, tuple[dict[str, float], float]] = field(default_factory=dict)
 
 
 class Strategy(abc.ABC):
@@ -184,15 +220,23 @@ class Strategy(abc.ABC):
     bench's shared mode)."""
 
     uses_student: bool  # the synthesizer plays against the students (adversarial terms)
+    one_stage: bool = False  # distilling rounds are joint steps (the method's `joint_steps`)
 
     @abc.abstractmethod
     def synthesize(self, publish: bool, feed_kd: bool) -> RoundOutput:
         """One synthesis round. `publish`: refresh the synthesizer's view of the students
         first; `feed_kd`: KD steps follow (False in warm-up epochs)."""
 
+    def joint_steps(self, students: list[int]) -> RoundOutput:
+        """A one-stage round's joint steps, each one generator step and one KD step of the
+        (single) student from one forward and one backward: the synthesizer's
+        `begin_joint()`, the trainer's `joint_step()`, the synthesizer's `end_joint()`.
+        Then the fresh KD images of the round's remaining KD steps are drawn."""
+        raise NotImplementedError(f"{type(self).__name__} has no one-stage rounds")
+
     @abc.abstractmethod
-    def kd_round(self, students: list[int]) -> list[tuple[dict[str, float], float]]:
-        """`kd_steps` updates of each listed student: (loss terms, seconds) per student."""
+    def kd_round(self, students: list[int], steps: int) -> list[tuple[dict[str, float], float]]:
+        """`steps` updates of each listed student: (loss terms, seconds) per student."""
 
     @abc.abstractmethod
     def end_epoch(self, students: list[int]) -> list[float]:
@@ -213,17 +257,41 @@ class InProcess(Strategy):
     def __init__(self, synthesizer, trainers: list[Trainer]):
         self.synthesizer, self.trainers = synthesizer, trainers
         self.uses_student = bool(synthesizer.uses_student)
+        self.one_stage = bool(synthesizer.one_stage)
 
     def synthesize(self, publish: bool, feed_kd: bool) -> RoundOutput:
         tick = time.perf_counter()
         result = self.synthesizer.synthesize()
         return RoundOutput(result.losses, self.synthesizer.images_synthesized, time.perf_counter() - tick)
 
-    def kd_round(self, students):
+    def joint_steps(self, students):
+        (i,) = students  # RoundLoop refuses one-stage rounds with several students
+        synth, trainer = self.synthesizer, self.trainers[i]
+        steps = synth.joint_steps(synth.config)
+        synth_seconds = kd_seconds = 0.0
+        sums: dict[str, float] = {}
+        for k in range(steps):
+            # The generator's forward and backward are synthesis time; the student's step
+            # (teacher and student forward, backward through both) is KD time.
+            tick = time.perf_counter()
+            images = synth.begin_joint()
+            began = time.perf_counter()
+            terms, grad = trainer.joint_step(images)
+            stepped = time.perf_counter()
+            losses = synth.end_joint(grad, terms["loss"], closes_round=k == steps - 1)
+            synth_seconds += began - tick + time.perf_counter() - stepped
+            kd_seconds += stepped - began
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value
+        kd = {name: value / steps for name, value in sums.items()}
+        return RoundOutput(losses, synth.images_synthesized, synth_seconds, joint_steps=steps,
+                           joint_kd={i: (kd, kd_seconds)})
+
+    def kd_round(self, students, steps):
         out = []
         for i in students:
             tick = time.perf_counter()
-            losses = self.trainers[i].kd_steps(self.synthesizer.sample)
+            losses = self.trainers[i].kd_steps(self.synthesizer.sample, steps)
             out.append((losses, time.perf_counter() - tick))
         return out
 
@@ -261,6 +329,11 @@ class _Means:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
+def _step_mean(a: dict[str, float], n_a: int, b: dict[str, float], n_b: int) -> dict[str, float]:
+    """The per-step mean of terms averaged over `n_a` steps (`a`) and `n_b` steps (`b`)."""
+    return {k: (a.get(k, 0.0) * n_a + b.get(k, 0.0) * n_b) / (n_a + n_b) for k in {**a, **b}}
+
+
 def _close_epoch(h: History, means: dict[str, float], accuracy: float, images: int, synth: float, kd: float,
                  evals: float, epochs: int) -> dict:
     epoch = h.epochs_done
@@ -289,6 +362,7 @@ class RoundLoop:
         self.strategy, self.config, self.n = strategy, config, n_students
         self.state_path = Path(state_path) if state_path else None
         self.publish_every = max(int(publish_every), 1)
+        check_one_stage_students(strategy.one_stage, n_students)
         self.histories = [History() for _ in range(n_students)]
 
     def restore(self) -> int:
@@ -326,7 +400,10 @@ class RoundLoop:
                 if progress:
                     progress("synthesis", step, cfg.epochs * rounds)
                 publish = self.strategy.uses_student and step % self.publish_every == 0 and len(live) == self.n
-                out = self.strategy.synthesize(publish, feed_kd=distilling)
+                if distilling and self.strategy.one_stage:  # generator and student steps merged
+                    out = self.strategy.joint_steps(live)
+                else:
+                    out = self.strategy.synthesize(publish, feed_kd=distilling)
                 synth_time, images = synth_time + out.seconds, out.images_synthesized
                 try:
                     for i in live:
@@ -338,7 +415,12 @@ class RoundLoop:
                     continue
                 if progress:
                     progress("kd", step, cfg.epochs * rounds)
-                for i, (losses, seconds) in zip(list(live), self.strategy.kd_round(live)):
+                remaining = cfg.kd_steps - out.joint_steps
+                for i, (losses, seconds) in zip(list(live), self.strategy.kd_round(live, remaining)):
+                    if out.joint_steps:  # the round's KD steps: its joint steps, then the others
+                        joint_losses, joint_seconds = out.joint_kd[i]
+                        losses = _step_mean(joint_losses, out.joint_steps, losses, remaining)
+                        seconds += joint_seconds
                     kd_time[i] += seconds + out.kd_sample_seconds
                     try:
                         means[i].add(losses, "kd/", f"KD ({where})")
@@ -373,6 +455,15 @@ class RoundLoop:
     def _fail(self, students: list[int], exc: Exception) -> None:
         for i in students:
             self.histories[i].status = f"failed: {exc}"
+
+
+def check_one_stage_students(one_stage: bool, n_students: int) -> None:
+    """One-stage rounds need a stream of one student: the generator of a shared stream plays
+    against the students' mean logits, which is no student's own KD loss, so there is no
+    single loss for a joint step to share."""
+    if one_stage and n_students > 1:
+        raise ConfigError(f"one_stage=true trains the generator on one student's KD loss; a stream of "
+                          f"{n_students} students (shared mode) has none: use --mode paper")
 
 
 def load_matching_state(path: str | Path | None, config, n_students: int) -> dict | None:

@@ -4,7 +4,8 @@ trainers pull from it.
     SynthesizerActor  one per stream: the teacher, the method's synthesizer and replicas of
                       the students it plays against (adversarial terms). Its bank is the
                       store; a method that trains on fresh KD batches (`fresh_kd_batches`)
-                      also pushes each round's KD images there.
+                      also pushes each round's KD images there. In a one-stage round it
+                      runs the generator's half of each joint step (begin_joint, end_joint).
     TrainerActor      one per student: the core `Trainer` (the KD code `distill` runs),
                       fed from the store.
 
@@ -25,7 +26,7 @@ import torch
 from methods import from_uint8, place, to_uint8
 from orchestrator.core.cell import (CellSpec, grid_images, load_teacher, make_student, make_synthesizer,
                                     make_trainer, write_cell_files)
-from orchestrator.runtime.store import StoreBank
+from orchestrator.runtime.store import StoreBank, _tensor
 
 
 def _to_numpy(state: dict) -> dict:
@@ -52,9 +53,13 @@ class SynthesizerActor:
         self.bank = StoreBank(store)
         self.synth = make_synthesizer(spec, teacher, self.replicas, self.bank, device)
         self.fresh = spec.method.fresh_kd_batches
+        self._joint_seconds = 0.0  # begin_joint's, reported by end_joint
 
     def uses_student(self) -> bool:
         return bool(self.synth.uses_student)
+
+    def one_stage(self) -> bool:
+        return bool(self.synth.one_stage)
 
     def round(self, student_states: list[dict] | None, feed_kd: bool) -> dict:
         """One synthesis round; a fresh-batch method then pushes the round's KD images."""
@@ -63,18 +68,40 @@ class SynthesizerActor:
                 replica.load_state_dict(_from_numpy(state))
         tick = time.perf_counter()
         result = self.synth.synthesize()
-        synthesized = time.perf_counter()
-        if self.fresh and feed_kd:
-            # The images this round's KD steps train on, as many as they consume; each
-            # trainer uses each batch once. Drawn one KD batch at a time, as `distill` draws
-            # them: one large draw allocates hundreds of MB of activations per round on a CPU.
-            cfg = self.spec.config
-            images = torch.cat([to_uint8(self.synth.sample(cfg.batch_size)).cpu() for _ in range(cfg.kd_steps)])
-            self.bank.add(images)  # waited for: the trainers' next pull sees this round
+        seconds = time.perf_counter() - tick
         # Drawing KD images is KD-side work in `distill` (the trainer calls `sample`): it is
         # reported apart and booked as KD time, so the two splits compare.
         return {"losses": result.losses, "images_synthesized": self.synth.images_synthesized,
-                "seconds": synthesized - tick, "kd_sample_seconds": time.perf_counter() - synthesized}
+                "seconds": seconds, "kd_sample_seconds": self.feed(self.spec.config.kd_steps) if feed_kd else 0.0}
+
+    def feed(self, steps: int) -> float:
+        """A fresh-batch method pushes the images of `steps` KD steps; returns the seconds."""
+        tick = time.perf_counter()
+        if self.fresh and steps > 0:
+            # The images this round's KD steps train on, as many as they consume; each
+            # trainer uses each batch once. Drawn one KD batch at a time, as `distill` draws
+            # them: one large draw allocates hundreds of MB of activations per round on a CPU.
+            batch = self.spec.config.batch_size
+            self.bank.add(torch.cat([to_uint8(self.synth.sample(batch)).cpu() for _ in range(steps)]))
+            # waited for: the trainers' next pull sees this round
+        return time.perf_counter() - tick
+
+    # A one-stage joint step: begin_joint here, TrainerActor.joint_step, end_joint here. The
+    # images and their gradient travel as float32 (not uint8 like KD batches): the gradient
+    # must belong to exactly the images the generator made.
+    def begin_joint(self) -> np.ndarray:
+        tick = time.perf_counter()
+        images = self.synth.begin_joint().float().cpu().numpy()
+        self._joint_seconds = time.perf_counter() - tick
+        return images
+
+    def end_joint(self, step: dict, closes_round: bool) -> dict:
+        """`step`: the trainer's `joint_step` answer. Reports the generator's terms and the
+        seconds of its forward and backward (synthesis time)."""
+        tick = time.perf_counter()
+        losses = self.synth.end_joint(_tensor(step["grad"]), step["losses"]["loss"], closes_round)
+        return {"losses": losses, "images_synthesized": self.synth.images_synthesized,
+                "seconds": self._joint_seconds + time.perf_counter() - tick}
 
     def state(self) -> dict:
         return {"synthesizer": self.synth.state_dict(), "rng": _rng_state()}
@@ -96,23 +123,31 @@ class TrainerActor:
         self.bank = StoreBank(store)
         self.fresh = spec.method.fresh_kd_batches
 
-    def kd_round(self) -> dict:
+    def kd_round(self, steps: int) -> dict:
         tick = time.perf_counter()
         cfg, spec = self.spec.config, self.spec
+        if steps == 0:  # a one-stage round whose KD steps were all joint steps
+            return {"losses": {}, "seconds": 0.0}
         if self.fresh:
             # The store holds exactly this round's fresh images: take them all once
             # (distinct, shuffled) and use each batch once, as fresh samples are.
-            batches = iter(from_uint8(self.bank.sample(cfg.kd_steps * cfg.batch_size)).split(cfg.batch_size))
+            batches = iter(from_uint8(self.bank.sample(steps * cfg.batch_size)).split(cfg.batch_size))
             sample = lambda n: next(batches).to(self.device)  # noqa: E731
         else:
             # Every batch of the round is requested at once: the store answers them in order
             # (the same draws as one request at a time, since nothing is added to the bank
             # during KD), and the KD steps never wait for a round trip.
-            batches = self.bank.sample_batches(cfg.batch_size, cfg.kd_steps)
+            batches = self.bank.sample_batches(cfg.batch_size, steps)
             sample = lambda n: spec.method.kd_view(from_uint8(next(batches)).to(self.device),  # noqa: E731
                                                    spec.image_spec)
-        losses = self.trainer.kd_steps(sample)
+        losses = self.trainer.kd_steps(sample, steps)
         return {"losses": losses, "seconds": time.perf_counter() - tick}
+
+    def joint_step(self, images: np.ndarray) -> dict:
+        """The student's half of a joint step (the core Trainer's `joint_step`)."""
+        tick = time.perf_counter()
+        losses, grad = self.trainer.joint_step(_tensor(images))
+        return {"losses": losses, "grad": grad.cpu().numpy(), "seconds": time.perf_counter() - tick}
 
     def end_epoch(self) -> float:
         return self.trainer.end_epoch()

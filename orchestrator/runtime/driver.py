@@ -108,7 +108,8 @@ class RayStrategy(Strategy):
             spec, stream.students, self.store, device, synth_threads)
         self.trainers = [TrainerActor.options(**resources.trainer_options(n), **placed[1 + j]).remote(
             s, self.store, device, trainer_threads) for j, s in enumerate(stream.specs)]
-        self.uses_student = ray.get(self.synth.uses_student.remote())
+        self.uses_student, self.one_stage = ray.get([self.synth.uses_student.remote(), self.synth.one_stage.remote()])
+        self.config, self.joint_per_round = spec.config, spec.method.joint_steps(spec.config)
 
     @property
     def actors(self) -> list:
@@ -119,8 +120,29 @@ class RayStrategy(Strategy):
         out = ray.get(self.synth.round.remote(states, feed_kd))
         return RoundOutput(out["losses"], out["images_synthesized"], out["seconds"], out["kd_sample_seconds"])
 
-    def kd_round(self, students):
-        return [(r["losses"], r["seconds"]) for r in ray.get([self.trainers[i].kd_round.remote() for i in students])]
+    def joint_steps(self, students):
+        (i,) = students  # RoundLoop refuses one-stage rounds with several students
+        steps, synth_seconds, kd_seconds, sums = self.joint_per_round, 0.0, 0.0, {}
+        for k in range(steps):
+            # Chained by reference: the images go from the synthesizer to the trainer, and the
+            # trainer's answer (losses, image gradient) to the synthesizer, without the driver
+            # waiting in between; an actor runs one caller's calls in the order they were sent.
+            images = self.synth.begin_joint.remote()
+            step = self.trainers[i].joint_step.remote(images)
+            done = self.synth.end_joint.remote(step, k == steps - 1)
+            student, generator = ray.get([step, done])
+            synth_seconds += generator["seconds"]  # the generator's forward and backward
+            kd_seconds += student["seconds"]  # the student's step, backward through both networks
+            for name, value in student["losses"].items():
+                sums[name] = sums.get(name, 0.0) + value
+        feed_seconds = ray.get(self.synth.feed.remote(self.config.kd_steps - steps))  # the other KD steps' images
+        kd = {name: value / steps for name, value in sums.items()}
+        return RoundOutput(generator["losses"], generator["images_synthesized"], synth_seconds,
+                           feed_seconds, joint_steps=steps, joint_kd={i: (kd, kd_seconds)})
+
+    def kd_round(self, students, steps):
+        return [(r["losses"], r["seconds"])
+                for r in ray.get([self.trainers[i].kd_round.remote(steps) for i in students])]
 
     def end_epoch(self, students):
         return ray.get([self.trainers[i].end_epoch.remote() for i in students])
