@@ -20,3 +20,14 @@ def test_cell_anatomy_bad_input(argv, needle, capsys, tmp_path):
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
     assert not any(tmp_path.iterdir())  # refused before the teacher was even looked up
+
+
+def test_eval_speed_scores_the_whole_split_per_batch_size(tiny_mnist, capsys):
+    from orchestrator.perf import eval_speed
+
+    assert eval_speed.main(["--arch", "resnet8", "--dataset", "mnist", "--data-root", str(tiny_mnist / "data"),
+                            "--threads", "1", "--batches", "32,16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"resnet8 on 64 images from {tiny_mnist / 'data' / 'mnist'}")
+    assert [line.split(":")[0] for line in lines[1:]] == ["batch    32", "batch    16"]
+    assert lines[1].endswith("1.00x")

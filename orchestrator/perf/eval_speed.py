@@ -1,0 +1,48 @@
+"""How fast a student is scored on the test split, by batch size.
+
+    python -m orchestrator.perf.eval_speed                      # wrn16_1, fashion-mnist, 2 threads, batches 1000 128 64
+    python -m orchestrator.perf.eval_speed --arch wrn16_2 --batches 256,128
+
+Times `orchestrator.core.training.evaluate` (inference mode, channels_last weights as in
+training) on the whole split, after one warm-up pass per batch size, and prints seconds,
+images/s and the speed-up over the first batch size. The weights are random: the time of a
+pass does not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.perf.eval_speed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="wrn16_1")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", default="1000,128,64")
+    args = parser.parse_args(argv)
+    import torch
+
+    from benchmarks.datasets import load_split
+    from methods.base import place
+    from models import create_model
+    from orchestrator.core.training import evaluate
+
+    torch.set_num_threads(args.threads)
+    test = load_split(args.dataset, "test", args.data_root)
+    model = place(create_model(args.arch, num_classes=test.spec.num_classes, in_channels=test.spec.channels), "cpu")
+    print(f"{args.arch} on {len(test)} images from {test.source}, {args.threads} threads")
+    first = None
+    for batch in [int(b) for b in args.batches.split(",")]:
+        evaluate(model, test, batch_size=batch)  # warm-up
+        tick = time.perf_counter()
+        evaluate(model, test, batch_size=batch)
+        seconds = time.perf_counter() - tick
+        first = first or seconds
+        print(f"batch {batch:5d}: {seconds:6.2f} s  {len(test) / seconds:7.0f} img/s  {first / seconds:4.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
