@@ -31,3 +31,14 @@ def test_eval_speed_scores_the_whole_split_per_batch_size(tiny_mnist, capsys):
     assert lines[0].startswith(f"resnet8 on 64 images from {tiny_mnist / 'data' / 'mnist'}")
     assert [line.split(":")[0] for line in lines[1:]] == ["batch    32", "batch    16"]
     assert lines[1].endswith("1.00x")
+
+
+@pytest.mark.parametrize("extra,needle", [(["--batches", "x"], "comma list"), (["--arch", "nosuch"], "unknown model")])
+def test_eval_speed_bad_input_is_one_line_and_exit_2(tiny_mnist, capsys, extra, needle):
+    from orchestrator.cli import run_cli
+    from orchestrator.perf import eval_speed
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(eval_speed.main, ["--dataset", "mnist", "--data-root", str(tiny_mnist / "data"), *extra])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and needle in err and "Traceback" not in err

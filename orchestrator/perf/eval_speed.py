@@ -27,14 +27,25 @@ def main(argv=None) -> int:
     from benchmarks.datasets import load_split
     from methods.base import place
     from models import create_model
+    from orchestrator.cli import UsageError
     from orchestrator.core.training import evaluate
 
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        raise UsageError(f"--batches {args.batches!r}: expected a comma list of integers, e.g. 1000,128") from None
+    if args.threads < 1 or any(b < 1 for b in batches):
+        raise UsageError("--threads and every --batches value must be at least 1")
     torch.set_num_threads(args.threads)
     test = load_split(args.dataset, "test", args.data_root)
-    model = place(create_model(args.arch, num_classes=test.spec.num_classes, in_channels=test.spec.channels), "cpu")
+    try:
+        model = create_model(args.arch, num_classes=test.spec.num_classes, in_channels=test.spec.channels)
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"--arch {args.arch}: {exc}") from None
+    model = place(model, "cpu")
     print(f"{args.arch} on {len(test)} images from {test.source}, {args.threads} threads")
     first = None
-    for batch in [int(b) for b in args.batches.split(",")]:
+    for batch in batches:
         evaluate(model, test, batch_size=batch)  # warm-up
         tick = time.perf_counter()
         evaluate(model, test, batch_size=batch)
@@ -45,4 +56,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from orchestrator.cli import run_cli
+
+    run_cli(main)
