@@ -6,7 +6,8 @@
     result = synth.synthesize()          # images in [0, 1] + named loss terms
     x = synth.sample(cfg.batch_size)     # one KD batch
 
-Methods (module name = registry name = CLI name): dafl zskt dfad deepinv dfq cmi fast nayer rdskd.
+Methods (module name = registry name = CLI name): dafl zskt dfad deepinv dfq cmi fast nayer rdskd,
+and `samples` (KD on a guide set alone, a baseline of guided inversion: methods/guided.py).
 The student's KD loss (with the CRD option, `kd_criterion=kl+crd`) is `KDObjective` (crd.py).
 Plain PyTorch: nothing here imports ray or mlflow.
 """
@@ -23,7 +24,7 @@ from .registry import UnknownMethodError, get_method, list_methods
 from .spec import ImageSpec
 
 # Imported for their side effect: each module registers its method, in table order.
-from . import dafl, zskt, dfad, deepinv, dfq, cmi, fast, nayer, rdskd  # noqa: E402,F401  isort: skip
+from . import dafl, zskt, dfad, deepinv, dfq, cmi, fast, nayer, rdskd, samples  # noqa: E402,F401  isort: skip
 
 
 def make_config(name: str, budget: str = "paper", overrides: Mapping[str, Any] | None = None) -> BaseConfig:

@@ -74,6 +74,11 @@ class Synthesizer(abc.ABC):
     # {"type": "int", "low", "high"} (both inclusive) or {"type": "choice", "values": [...]}.
     # Loss weights and lr_g only for inversion methods: their g_steps sets the budget.
     SEARCH_SPACE: ClassVar[dict[str, dict]] = {}
+    # Fields searched too when the cell has a guide set (`--guide`); without one they stay
+    # at their defaults (a guided term without a guide set is refused).
+    GUIDE_SEARCH_SPACE: ClassVar[dict[str, dict]] = {}
+    # True: the method cannot run without a guide set (`--guide KIND:K`); it distills on it.
+    requires_guide: ClassVar[bool] = False
 
     def __init__(self, teacher: nn.Module, student: nn.Module, config: BaseConfig,
                  spec: ImageSpec, bank: InstanceBank | None = None, device="cpu"):
@@ -87,10 +92,43 @@ class Synthesizer(abc.ABC):
         self.bank = bank
         self.device = torch.device(device)
         self.images_synthesized = 0  # images kept by synthesize(): synthesis_batch_size per round
+        self.guide_images: torch.Tensor | None = None  # a guide set, if the cell has one (attach_guide)
+        self.guide_labels: torch.Tensor | None = None
 
     @classmethod
-    def search_space(cls) -> dict[str, dict]:
-        return copy.deepcopy(cls.SEARCH_SPACE)
+    def search_space(cls, guided: bool = False) -> dict[str, dict]:
+        """The Tune space; `guided`: the cell has a guide set, so its guided fields are searched too."""
+        return copy.deepcopy({**cls.SEARCH_SPACE, **(cls.GUIDE_SEARCH_SPACE if guided else {})})
+
+    @classmethod
+    def needs_guide(cls, config: BaseConfig) -> str:
+        """Why a cell of this method with this config must have a guide set ("" if it need not)."""
+        reasons = ([f"{cls.name} distills on the guide images alone"] if cls.requires_guide else [])
+        return "; ".join(reasons + config.guide_uses())
+
+    @classmethod
+    def row_label(cls, config: BaseConfig | None = None) -> str:
+        """The method's row in result tables: `display`, plus a suffix per non-default option
+        of `config` that makes it a variant (" +guide", " +mix", " +CRD", " one-stage"), so
+        variants never share a row with the plain method."""
+        return cls.display + ("".join(config.row_suffixes()) if config is not None else "")
+
+    def attach_guide(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Gives the synthesizer the cell's guide set: float images in [0, 1] (N, C, H, W) and
+        their int64 labels. The default keeps them on the device for the method to read."""
+        if tuple(images.shape[1:]) != self.spec.shape or len(labels) != len(images):
+            raise ConfigError(f"a guide set of images {tuple(images.shape)} and {len(labels)} labels does not fit "
+                              f"images of shape {self.spec.shape}")
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < self.spec.num_classes):
+            raise ConfigError(f"guide labels must lie in [0, {self.spec.num_classes}), got {labels.min()}..{labels.max()}")
+        self.guide_images = images.to(device=self.device, dtype=torch.float32)
+        self.guide_labels = labels.to(device=self.device, dtype=torch.long)
+
+    def check_guide(self) -> None:
+        """A config that needs a guide set refuses to run without one (ConfigError)."""
+        reason = self.needs_guide(self.config)
+        if reason and self.guide_images is None:
+            raise ConfigError(f"{reason}, but no guide set is attached; give the cell one (--guide KIND:K)")
 
     @abc.abstractmethod
     def synthesize(self) -> SynthesisResult:

@@ -17,14 +17,15 @@ from .augment import crop_and_flip, resized_crop_and_flip
 from .base import SynthesisResult, eval_mode, is_better, place
 from .budgets import inversion_budgets
 from .config import BaseConfig, override, param, weight
+from .guided import GuidedConfig, GuidedInversion
 from .hooks import BatchNormHooks
-from .inversion import ADV_TEMPERATURE, InversionSynthesizer
+from .inversion import ADV_TEMPERATURE
 from .losses import agreement_masked_kl, info_nce
 from .registry import register
 
 
 @dataclass(frozen=True)
-class CMIConfig(BaseConfig):
+class CMIConfig(GuidedConfig):
     """Published preset (CIFAR-10, wrn40_2 -> wrn16_1): 200 generator steps per batch of
     256, one batch per 400 student steps on batches of 128; adv 0.5, bn 1, oh 1,
     cr 0.8, cr_T 0.1; memory bank 40960, 4096 negatives, head dim 256; KD at T=20."""
@@ -73,7 +74,7 @@ def contrastive_loss(head: ProjectionHead, local: torch.Tensor, global_: torch.T
 
 
 @register("cmi")
-class CMI(InversionSynthesizer):
+class CMI(GuidedInversion):
     """Fang et al., "Contrastive Model Inversion for Data-Free Knowledge Distillation",
     IJCAI 2021.
 
@@ -138,12 +139,13 @@ class CMI(InversionSynthesizer):
         local_view = spec.normalize(resized_crop_and_flip(images))
         if self.fused_views:
             hooks.views(n)  # before the pass: statistics from the global view only
-            t_logits = self.teacher(torch.cat([global_view, local_view]))[:n]
+            t_logits, extra = self.teacher_pass(torch.cat([global_view, local_view]), targets)
+            t_logits = t_logits[:n]
             bn = hooks.bn_loss()
             global_feat, local_feat = hooks.features().split(n)
         else:  # the plain per-view computation
             hooks.views(None)
-            t_logits = self.teacher(global_view)
+            t_logits, extra = self.teacher_pass(global_view, targets)
             bn, global_feat = hooks.bn_loss(), hooks.features()
             hooks.want_stats = False  # the local view's batch statistics are never read
             self.teacher(local_view)
@@ -154,10 +156,12 @@ class CMI(InversionSynthesizer):
         cached_local, cached_global = self.cached_features()
         terms["cr"] = contrastive_loss(self.head, local_feat, global_feat, cached_local, cached_global,
                                        self.config.cr_T)
+        terms.update(extra)  # the guided term (methods/guided.py), when on
         return terms, local_feat, global_feat
 
     def synthesize(self) -> SynthesisResult:
         cfg = self.config
+        self.check_guide()
         self.teacher.eval()
         targets = self.random_targets()
         # A new starting point for every batch: fresh generator weights and latent code.
@@ -185,9 +189,10 @@ class CMI(InversionSynthesizer):
                 total.backward(inputs=params)
                 optimizer.step()
                 self.head_optimizer.step()
+                self.after_step(hooks)
         best_images, best_features, report = best
         images = self.keep(best_images, targets, best_features)
-        return SynthesisResult(images, report)
+        return SynthesisResult(images, self.round_report(report))
 
     def state_dict(self) -> dict:
         # The generator restarts every batch, so its weights matter only for inspection;

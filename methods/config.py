@@ -24,19 +24,24 @@ class ConfigError(ValueError):
 BUDGETS = ("smoke", "cpu", "paper")
 
 
-def param(default, *, gt=None, ge=None, le=None, choices=None, help: str = "", weight: bool = False):
+def param(default, *, gt=None, ge=None, le=None, choices=None, help: str = "", weight: bool = False,
+          late: bool = False):
     """A config field with its valid range; `help` documents it. `weight=True` marks a
-    loss weight: the field's name is the name of the loss term it scales."""
+    loss weight: the field's name is the name of the loss term it scales. `late=True` marks
+    a field added after results were recorded: while it is at its default it is left out
+    of the config's identity (`identity`), so configs saved before it existed still match."""
     meta = {k: v for k, v in dict(gt=gt, ge=ge, le=le, choices=choices, help=help).items()
             if v is not None}
     if weight:
         meta["weight"] = True
+    if late:
+        meta["late"] = True
     return field(default=default, metadata=meta)
 
 
-def weight(default: float, help: str = ""):
+def weight(default: float, help: str = "", late: bool = False):
     """A non-negative loss weight named after its loss term."""
-    return param(float(default), ge=0, help=help, weight=True)
+    return param(float(default), ge=0, help=help, weight=True, late=late)
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class BaseConfig:
     kd_criterion: str = param("kl", choices=KD_CRITERION_CHOICES,
                               help="student KD loss: kl or l1 on logits; +crd adds CRD (methods/crd.py)")
     warmup_epochs: int = param(0, ge=0, help="first epochs that only synthesize (no KD), e.g. Fast-DFKD, NAYER")
+    guide_mix: float = param(0.0, ge=0, le=1, late=True,
+                             help="fraction of every KD batch replaced by augmented guide images (--guide)")
 
     def __post_init__(self):
         self.validate()
@@ -77,6 +84,37 @@ class BaseConfig:
         """Loss weights by term name; a method's loss term `x` is weighted by field `x`."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.metadata.get("weight")}
+
+    # What a config's non-default options add, declared next to the fields they read: a
+    # subclass extends both lists with its own fields (its entries first).
+
+    def row_suffixes(self) -> list[str]:
+        """Suffixes of the method's row label in result tables (`Synthesizer.row_label`),
+        one per option that makes this config a variant of the plain method."""
+        out = [" +mix"] if self.guide_mix > 0 else []
+        return out + ([" +CRD"] if "crd" in self.kd_criterion else [])
+
+    def guide_uses(self) -> list[str]:
+        """Why this config reads a guide set (`--guide KIND:K`); empty when it does not."""
+        return [f"guide_mix={self.guide_mix} mixes guide images into every KD batch"] if self.guide_mix > 0 else []
+
+
+def identity_of(config_cls: type, values: Mapping[str, Any]) -> dict:
+    """The entries of `values` (a config as a dict, e.g. one saved in a state file) that
+    identify a run: all of them except `late` fields at their default, so a config saved
+    before a late field existed equals today's config with that field at its default."""
+    late = {f.name: f.default for f in dataclasses.fields(config_cls) if f.metadata.get("late")}
+    return {k: v for k, v in values.items() if not (k in late and v == late[k])}
+
+
+def identity(config: BaseConfig) -> dict:
+    """`identity_of` a config object: what its hash and resume checks compare."""
+    return identity_of(type(config), dataclasses.asdict(config))
+
+
+def same_identity(stored: Mapping[str, Any] | None, config: BaseConfig) -> bool:
+    """Whether a saved config dict is this config (late fields at their default may be absent)."""
+    return isinstance(stored, Mapping) and identity_of(type(config), stored) == identity(config)
 
 
 def override(base: type, name: str, default):

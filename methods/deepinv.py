@@ -13,8 +13,8 @@ from .augment import jitter_and_flip
 from .base import SynthesisResult, eval_mode, is_better
 from .budgets import inversion_budgets
 from .config import BaseConfig, override, param, weight
+from .guided import GuidedConfig, GuidedInversion
 from .hooks import BatchNormHooks
-from .inversion import InversionSynthesizer
 from .losses import js_div, total_variation
 from .registry import register
 
@@ -23,7 +23,7 @@ JS_TEMPERATURE = 3.0
 
 
 @dataclass(frozen=True)
-class DeepInvConfig(BaseConfig):
+class DeepInvConfig(GuidedConfig):
     """Published preset (CIFAR-10, wrn40_2 -> wrn16_1): 1000 pixel steps at lr 0.1 per
     batch, one batch per 400 student steps; adv 1, bn 10, oh 1, tv 0.001; KD at T=20."""
 
@@ -40,7 +40,7 @@ class DeepInvConfig(BaseConfig):
 
 
 @register("deepinv")
-class DeepInv(InversionSynthesizer):
+class DeepInv(GuidedInversion):
     """Yin et al., "Dreaming to Distill: Data-free Knowledge Transfer via
     DeepInversion", CVPR 2020.
 
@@ -65,6 +65,7 @@ class DeepInv(InversionSynthesizer):
 
     def synthesize(self) -> SynthesisResult:
         cfg, spec = self.config, self.spec
+        self.check_guide()
         self.teacher.eval()
         targets = self.random_targets()
         # Pixels live in normalised space, as in the reference; a standard normal start.
@@ -77,7 +78,7 @@ class DeepInv(InversionSynthesizer):
         with BatchNormHooks(self.teacher, features=False) as hooks, eval_mode(self.student):
             for _ in range(cfg.g_steps):
                 x_aug = jitter_and_flip(x, cfg.jitter)
-                t_logits = self.teacher(x_aug)
+                t_logits, extra = self.teacher_pass(x_aug, targets)
                 terms = {
                     "bn": hooks.bn_loss(),
                     "oh": F.cross_entropy(t_logits, targets),
@@ -85,6 +86,7 @@ class DeepInv(InversionSynthesizer):
                 }
                 if self.uses_student:
                     terms["adv"] = -js_div(self.student(x_aug), t_logits, JS_TEMPERATURE)
+                terms.update(extra)  # the guided term (methods/guided.py), when on
                 total = self.weighted_total(terms)
                 loss = float(total.detach())
                 if best is None or is_better(loss, best_loss):
@@ -96,5 +98,6 @@ class DeepInv(InversionSynthesizer):
                 with torch.no_grad():
                     # Keep pixels inside the valid [0, 1] range of the dataset.
                     x.copy_(torch.maximum(torch.minimum(x, high), low))
+                self.after_step(hooks)
         images = self.keep(spec.denormalize(best), targets)
-        return SynthesisResult(images, best_report)
+        return SynthesisResult(images, self.round_report(best_report))

@@ -13,12 +13,12 @@ from models import create_generator
 from .base import SynthesisResult, eval_mode, is_better, place
 from .budgets import CPU, SMOKE
 from .config import BaseConfig, override, param, weight
+from .guided import GuidedConfig, GuidedInversion
 from .hooks import BatchNormHooks
-from .inversion import InversionSynthesizer
 from .registry import register
 
 @dataclass(frozen=True)
-class FastConfig(BaseConfig):
+class FastConfig(GuidedConfig):
     """Published preset, Fast-2 (Fang et al., AAAI 2022; CIFAR, wrn40_2 -> wrn16_1): 2 steps
     per batch, lr_g 5e-3 (the batch's copy of the generator), lr_z 0.015 (its latent code);
     adv 1.1, bn 10, oh 0.4; BN-statistics momentum 0.9; 20 warm-up epochs of 220; KD lr
@@ -39,7 +39,7 @@ class FastConfig(BaseConfig):
 
 
 @register("fast")
-class Fast(InversionSynthesizer):
+class Fast(GuidedInversion):
     """Fang et al., "Up to 100x Faster Data-free Knowledge Distillation", AAAI 2022.
 
     Each round clones the meta-generator, optimises the clone and a fresh latent code for
@@ -79,6 +79,7 @@ class Fast(InversionSynthesizer):
 
     def synthesize(self) -> SynthesisResult:
         cfg, spec = self.config, self.spec
+        self.check_guide()
         self.teacher.eval()
         targets = self.random_targets()
         z = torch.randn(cfg.synthesis_batch_size, cfg.latent_dim, device=self.device, requires_grad=True)
@@ -107,11 +108,12 @@ class Fast(InversionSynthesizer):
                     for meta, inner in zip(meta_params, fast_params):
                         meta.grad.add_(inner.grad)
                 optimizer.step()
+                self.after_step(hooks)
             self.meta_optimizer.step()
             self.bn_statistics = hooks.advance_momentum()
         self.rounds += 1
         images = self.keep(best[0], targets)
-        return SynthesisResult(images, best[1])
+        return SynthesisResult(images, self.round_report(best[1]))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "generator": self.generator.state_dict(),

@@ -60,10 +60,14 @@ class OneStageConfig(GeneratorConfig):
             ("+" in self.kd_criterion, f"kd_criterion {self.kd_criterion!r} adds a term the generator does not "
                                        "maximise; use kl or l1"),
             (self.warmup_epochs > 0, "warmup_epochs must be 0: a joint step needs a student step"),
+            (self.guide_mix > 0, "guide_mix must be 0: a joint step's KD batch is the generator's own"),
         ]
         for bad, why in reasons:
             if bad:
                 raise ConfigError(f"one_stage=true: {why}")
+
+    def row_suffixes(self) -> list[str]:
+        return ([" one-stage"] if self.one_stage else []) + super().row_suffixes()
 
 
 class GeneratorSynthesizer(Synthesizer):

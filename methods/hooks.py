@@ -14,6 +14,8 @@ pass of 2B images costs less than two passes of B.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 
@@ -35,8 +37,10 @@ class BatchNormStatsHook:
         self._handle = module.register_forward_hook(self._record)
 
     def _record(self, module: nn.BatchNorm2d, inputs, output) -> None:
-        x = inputs[0]
         owner = self.owner
+        if owner.is_paused:  # a forward the method does not read (guided inversion's guide images)
+            return
+        x = inputs[0]
         self.instance_mean = x.mean(dim=(2, 3)) if owner.want_features else None
         if owner.want_stats:
             view = x if owner.first is None else x[:owner.first]
@@ -67,6 +71,7 @@ class BatchNormHooks:
                  momentum: list | None = None, momentum_rate: float = 0.0):
         self.want_stats, self.want_features = stats, features
         self.first: int | None = None  # batch statistics over the first `first` images only
+        self.is_paused = False  # True: forwards leave every recorded value as it was (`paused()`)
         self.momentum_rate = momentum_rate
         self.hooks = [BatchNormStatsHook(m, self) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self.hooks:
@@ -91,6 +96,16 @@ class BatchNormHooks:
         images (None: over the whole batch)."""
         self.first = first
         return self
+
+    @contextmanager
+    def paused(self):
+        """Forwards inside this block are not recorded: the statistics, features and
+        momentum read afterwards are those of the last forward before it."""
+        self.is_paused = True
+        try:
+            yield self
+        finally:
+            self.is_paused = False
 
     def remove(self) -> None:
         for h in self.hooks:

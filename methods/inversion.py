@@ -51,11 +51,26 @@ class InversionSynthesizer(Synthesizer):
         dataset's crop and flip: BN statistics, one-hot, and (when `adversarial`) the
         agreement-masked adversarial KL."""
         x = self.spec.normalize(crop_and_flip(images))
-        t_logits = self.teacher(x)
+        t_logits, extra = self.teacher_pass(x, targets)
         terms = {"bn": hooks.bn_loss(), "oh": F.cross_entropy(t_logits, targets)}
         if adversarial:
             terms["adv"] = agreement_masked_kl(self.student(x), t_logits, ADV_TEMPERATURE)
-        return terms
+        return {**terms, **extra}
+
+    def teacher_pass(self, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The teacher's logits on normalised `x` (whose first len(targets) images have the
+        synthesis targets), and any extra terms read from the same pass: none here; guided
+        inversion (methods/guided.py) adds its discriminator term. Extra terms go last in a
+        method's terms, so the weighted total of the others is summed as before."""
+        return self.teacher(x), {}
+
+    def after_step(self, hooks) -> None:
+        """Called after each optimisation step of a synthesis round (guided inversion trains
+        its discriminator here)."""
+
+    def round_report(self, report: dict[str, float]) -> dict[str, float]:
+        """The round's report from its kept iterate's (guided inversion adds its own)."""
+        return report
 
     @staticmethod
     def flat_statistics(statistics: list | None) -> list:

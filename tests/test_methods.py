@@ -58,6 +58,21 @@ def smooth_images(n: int) -> torch.Tensor:
     return nn.functional.interpolate(torch.rand(n, 3, 8, 8), size=32, mode="bilinear")
 
 
+def tiny_guide(per_class: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A small guide set (smooth images, `per_class` per class), drawn from its own generator."""
+    g = torch.Generator().manual_seed(123)
+    images = nn.functional.interpolate(torch.rand(10 * per_class, 3, 8, 8, generator=g), size=32, mode="bilinear")
+    return images, torch.arange(10).repeat_interleave(per_class)
+
+
+def synthesizer(name, teacher, student, cfg, spec=SPEC):
+    """create_synthesizer, plus a small guide set when the method (or its config) needs one."""
+    synth = create_synthesizer(name, teacher, student, cfg, spec)
+    if get_method(name).needs_guide(cfg):
+        synth.attach_guide(*tiny_guide())
+    return synth
+
+
 @pytest.fixture(scope="module")
 def teacher():
     return calibrated_resnet8(0)
@@ -105,14 +120,15 @@ def test_synthesize_sample_and_kd_step(name, teacher, student):
     cfg = make_config(name, "smoke")
     teacher_before, student_before = snapshot(teacher), snapshot(student)
     torch.manual_seed(0)
-    synth = create_synthesizer(name, teacher, student, cfg, SPEC)
+    synth = synthesizer(name, teacher, student, cfg)
+    makes = 0 if get_method(name).requires_guide else cfg.synthesis_batch_size  # KD on a guide set makes none
     for _ in range(2):  # the second round sees a non-empty bank (CMI negatives)
         result = synth.synthesize()
-        assert result.images.shape == (cfg.synthesis_batch_size, 3, 32, 32)
-        assert result.images.min() >= 0 and result.images.max() <= 1
+        assert result.images.shape == (makes, 3, 32, 32)
+        assert makes == 0 or (result.images.min() >= 0 and result.images.max() <= 1)
         assert "total" in result.losses and len(result.losses) >= 2
         assert all(math.isfinite(v) for v in result.losses.values()), result.losses
-    assert synth.images_synthesized == 2 * cfg.synthesis_batch_size
+    assert synth.images_synthesized == 2 * makes
     x = synth.sample(cfg.batch_size)
     assert x.shape == (cfg.batch_size, 3, 32, 32) and x.min() >= 0 and x.max() <= 1
     # Synthesis touched neither network: weights, BN statistics, gradients, mode.
@@ -179,7 +195,7 @@ def test_same_seed_same_images_and_weights(name, teacher, student):
     def run():
         torch.manual_seed(7)
         cfg = make_config(name, "smoke", {"g_steps": 1})
-        synth = create_synthesizer(name, teacher, student, cfg, SPEC)
+        synth = synthesizer(name, teacher, student, cfg)
         images = [synth.synthesize().images for _ in range(2)]
         return images, synth.state_dict()
 
@@ -210,7 +226,7 @@ def test_nan_teacher_is_reported_not_raised(name, teacher, student):
         for m in broken.modules():
             if isinstance(m, nn.Linear):
                 m.bias.fill_(float("nan"))
-    synth = create_synthesizer(name, broken, student, make_config(name, "smoke"), SPEC)
+    synth = synthesizer(name, broken, student, make_config(name, "smoke"))
     losses_ = synth.synthesize().losses
     assert any(math.isnan(v) for v in losses_.values()), losses_
 
