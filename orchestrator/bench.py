@@ -28,8 +28,9 @@ from tqdm import tqdm
 
 from benchmarks.datasets import get_dataset_spec, list_datasets, load_split
 from methods import BUDGETS, get_method, list_methods
-from orchestrator.cli import (ArgumentParser, OutLock, UsageError, check_writable, method_overrides, parse_pairs,
-                              parse_sets, run_cli, split_list)
+from methods.config import identity
+from orchestrator.cli import (ArgumentParser, OutLock, UsageError, add_guide_arg, check_writable, method_overrides,
+                              parse_pairs, parse_sets, run_cli, split_list)
 from orchestrator.core.cell import CellKey, CellResult, CellSpec, check_cell
 from orchestrator.core.classifiers import DEFAULT_DIR as DEFAULT_TEACHER_DIR
 from orchestrator.core.classifiers import checkpoint_path, find_checkpoint, sha256
@@ -70,6 +71,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--data-root", help="folder holding the datasets (see README, Data)")
     p.add_argument("--download", action="store_true", help="download missing datasets")
     p.add_argument("--teacher-dir", default=str(DEFAULT_TEACHER_DIR), help="teacher checkpoint cache")
+    add_guide_arg(p)
     return p
 
 
@@ -124,7 +126,8 @@ def make_plan(args) -> Plan:
             load_split(d, "train", data_dirs[d])  # a classifier will train on it: fail now, not in Ray
     for d in datasets:  # every split a cell reads comes from this one folder, never mixed
         tqdm.write(f"data: {d} from {data_dirs[d]}")
-    specs = [CellSpec.build(CellKey(d, t, s, m, seed, args.budget, args.mode), overrides[m],
+    # A guide set is loaded (and a bad one refused) here, before anything is written.
+    specs = [CellSpec.build(CellKey(d, t, s, m, seed, args.budget, args.mode, args.guide or ""), overrides[m],
                             checkpoint_path(teacher_dir, d, t), data_dirs[d])
              for d in datasets for m in methods for seed in seeds for t, s in pairs[d]]
     for spec in specs if args.mode == "shared" else []:  # a shared stream: every student of one teacher
@@ -155,8 +158,10 @@ def removed_if_refused(out: Path):
 
 def config_hash(config) -> str:
     """Identifies a cell's effective config: --resume reuses a finished cell only if it
-    ran with the same one (the cell key alone does not say which --set was used)."""
-    return hashlib.sha256(json.dumps(dataclasses.asdict(config), sort_keys=True).encode()).hexdigest()[:16]
+    ran with the same one (the cell key alone does not say which --set was used). Late
+    fields at their default (methods/config.py: `identity`) are left out, so adding a field
+    does not make every finished cell run again."""
+    return hashlib.sha256(json.dumps(identity(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def same_config(done: dict, config) -> bool:
@@ -165,7 +170,7 @@ def same_config(done: dict, config) -> bool:
     (the full config, flattened the same way), so they too are reused when they match."""
     if "cell.config_hash" in done["tags"]:
         return done["tags"]["cell.config_hash"] == config_hash(config)
-    params = flatten_params(dataclasses.asdict(config))
+    params = flatten_params(identity(config))
     return bool(params) and all(done["params"].get(k) == v for k, v in params.items())
 
 
@@ -216,15 +221,15 @@ class BenchRecorder:
         self.parent = tracker.start_parent(f"bench-{time.strftime('%Y%m%d-%H%M%S')}",
                                            tags={"kind": "bench", "bench.out": self.out}, params={
             "methods": args.methods, "datasets": args.datasets, "seeds": args.seeds, "budget": args.budget,
-            "mode": args.mode, "argv": argv or "(defaults)"})
+            "mode": args.mode, "argv": argv or "(defaults)", **({"guide": args.guide} if args.guide else {})})
         self.bar = None
 
     def cell_started(self, spec: CellSpec, history) -> str:
         with self.lock:
             tags = {**spec.key.tags(), "cell.config_hash": config_hash(spec.config), **cell_provenance(spec),
                     "bench.out": self.out}
-            run_id = self.run_ids[spec.key] = self.tracker.start_child(self.parent, spec.key.slug, tags=tags,
-                                                                       params=spec.config_dict())
+            run_id = self.run_ids[spec.key] = self.tracker.start_child(
+                self.parent, spec.key.slug, tags=tags, params={**spec.config_dict(), **spec.guide_params()})
             for epoch in range(history.epochs_done):
                 self.tracker.log_metrics(run_id, history.epoch_metrics(epoch), step=epoch + 1)
         return run_id

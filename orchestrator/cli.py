@@ -11,7 +11,7 @@ from typing import Callable, NoReturn
 
 from orchestrator.core.errors import Terminated, UsageError, raise_terminated
 
-__all__ = ["ArgumentParser", "UsageError", "add_data_args", "check_writable", "method_overrides",
+__all__ = ["ArgumentParser", "UsageError", "add_data_args", "add_guide_arg", "check_writable", "method_overrides",
            "parse_device", "parse_pairs", "parse_sets", "resolve_teacher", "run_cli", "split_list"]
 
 
@@ -62,6 +62,14 @@ def add_data_args(parser: ArgumentParser) -> None:
     parser.add_argument("--download", action="store_true", help="download the dataset if it is not found")
     parser.add_argument("--teacher-dir", default=str(DEFAULT_DIR),
                         help="where teachers are cached (trained there when missing)")
+
+
+def add_guide_arg(parser: ArgumentParser) -> None:
+    parser.add_argument("--guide", metavar="KIND:K", default="",
+                        help="a guide set for guided inversion (docs/methods.md): real:K = K training images per "
+                             "class, condensed:K = the set `python -m orchestrator.condense` cached; fixed by guide "
+                             "seed 0, so every training seed reads the same set. Read by guide>0, guide_mix>0 "
+                             "and the samples method")
 
 
 def parse_device(name: str) -> str:

@@ -3,6 +3,7 @@
     python -m orchestrator.distill --method cmi --dataset fashion-mnist \
         --teacher wrn16_2 --student wrn16_1 --budget cpu
     python -m orchestrator.distill --method deepinv --budget smoke --set g_steps=40 --set bn=5
+    python -m orchestrator.distill --method cmi --guide real:10 --set guide=0.5     # guided inversion
 
 Trains (or reuses) the teacher, prints the effective config, per-epoch accuracy and a
 final line (student and teacher accuracy, synthesis and KD time), and writes
@@ -18,9 +19,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from methods import BUDGETS, list_methods
-from orchestrator.cli import (ArgumentParser, UsageError, add_data_args, parse_device, parse_sets, resolve_teacher,
-                              run_cli)
-from orchestrator.core.cell import CellKey, CellSpec, check_cell, run_in_process
+from benchmarks.datasets import load_split
+from orchestrator.cli import (ArgumentParser, UsageError, add_data_args, add_guide_arg, parse_device, parse_sets,
+                              resolve_teacher, run_cli)
+from orchestrator.core.cell import CellKey, CellSpec, check_cell, check_guide, run_in_process
 
 
 def build_parser() -> ArgumentParser:
@@ -40,14 +42,20 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--fresh", action="store_true", help="ignore a previous run's resume state")
     parser.add_argument("--no-progress", action="store_true")
     add_data_args(parser)
+    add_guide_arg(parser)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    key = CellKey(args.dataset, args.teacher, args.student, args.method, args.seed, args.budget)
+    key = CellKey(args.dataset, args.teacher, args.student, args.method, args.seed, args.budget, guide=args.guide or "")
     overrides = parse_sets(args.set)
     check_cell(key, overrides)  # every user mistake is refused here, before a teacher trains
+    if key.guide and args.download:  # a real guide set reads the training split
+        load_split(args.dataset, "train", args.data_root, download=True)
+    if guide := check_guide(key, args.data_root):  # a bad guide set too, before anything is written
+        tqdm.write(f"guide {key.guide} (guide seed {guide.identity['seed']}): {len(guide)} images from "
+                   f"{guide.identity['source']}, sha256 {guide.identity['sha256'][:12]}")
     if args.init_bank and not Path(args.init_bank).is_dir():
         raise UsageError(f"--init-bank {args.init_bank}: not a folder")
     device = parse_device(args.device)

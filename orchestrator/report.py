@@ -13,12 +13,14 @@ import pandas as pd
 
 from benchmarks.reference import published
 
-def row_name(method: str) -> str:
-    """A method's table label (its class's `display`); baselines keep their own label."""
+def row_name(method: str, config=None) -> str:
+    """A method's table label: its class's `row_label(config)`, the `display` plus a suffix per
+    non-default option of the cell's config (" +guide", " +mix", " +CRD", " one-stage"), so a
+    variant never shares a row with the plain method. Baselines keep their own label."""
     from methods import get_method
     from methods.registry import is_registered
 
-    return get_method(method).display if is_registered(method) else method
+    return get_method(method).row_label(config) if is_registered(method) else method
 
 
 # The long format: one row per (cell, metric).
@@ -26,9 +28,9 @@ LONG_COLUMNS = ["dataset", "teacher", "student", "row", "method", "seed", "budge
                 "metric", "value"]
 
 
-def long_rows(key, status: str, metrics: dict[str, float], row: str | None = None) -> list[dict]:
+def long_rows(key, status: str, metrics: dict[str, float], row: str | None = None, config=None) -> list[dict]:
     base = {"dataset": key.dataset, "teacher": key.teacher, "student": key.student,
-            "row": row or row_name(key.method), "method": key.method, "seed": key.seed, "budget": key.budget,
+            "row": row or row_name(key.method, config), "method": key.method, "seed": key.seed, "budget": key.budget,
             "mode": key.mode, "status": status}
     return [{**base, "metric": m, "value": float(v)} for m, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -193,13 +195,14 @@ def bench_tables(plan, results: list, reused: list, finished: dict, metas: dict,
     from orchestrator.tracking import cell_key
 
     rows, curves = [], {}
+    configs = {spec.key: spec.config for spec in plan.specs}  # a row's label depends on its config
     for r in results:
-        rows += long_rows(r.key, r.history.status, r.summary())
+        rows += long_rows(r.key, r.history.status, r.summary(), config=configs.get(r.key))
         curves[r.key] = r.history.accuracy
     for spec in reused:
         info = finished[cell_key(dataclasses.asdict(spec.key))]
         rows += long_rows(spec.key, "finished", {k.removeprefix("final/"): v for k, v in info["metrics"].items()
-                                                 if k.startswith("final/")})
+                                                 if k.startswith("final/")}, config=spec.config)
         history = plan.out / "cells" / spec.key.slug / "history.json"
         if history.exists():
             curves[spec.key] = json.loads(history.read_text())["accuracy"]
@@ -214,10 +217,13 @@ def bench_tables(plan, results: list, reused: list, finished: dict, metas: dict,
     if not rows:
         return {}
     long = pd.DataFrame(rows, columns=list(rows[0]))
-    order = ([*BASELINE_ROWS] if baselines else []) + [row_name(m) for m in list_methods()]
+    # Methods in registry order, each plain row first, then its variants (" +guide", ...).
+    variants = {m: sorted({r["row"] for r in rows if r["method"] == m} - {row_name(m)}) for m in list_methods()}
+    order = ([*BASELINE_ROWS] if baselines else []) + [row for m in list_methods() for row in [row_name(m), *variants[m]]]
     paths = write_tables(long, plan.out, order)
     for d in plan.datasets:
-        lines = {f"{k.method} {k.teacher}->{k.student} s{k.seed}": acc for k, acc in curves.items()
+        lines = {f"{k.method} {k.teacher}->{k.student} s{k.seed}" + (f" {k.guide}" if k.guide else ""): acc
+                 for k, acc in curves.items()
                  if k.dataset == d and acc}
         if lines:
             paths[f"png_{d}"] = plot_curves(lines, plan.out / f"accuracy_{d}.png", f"{d}: accuracy per epoch")

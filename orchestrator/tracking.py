@@ -54,8 +54,11 @@ __all__ = [
     "sanitize_key",
 ]
 
-# The fixed order of a cell key; `finished_cells` returns tuples of these tag values.
+# The fixed order of a cell key; `finished_cells` returns tuples of these tag values, then
+# those of OPTIONAL_CELL_FIELDS a cell has (a guided cell: its guide set), so the key of a
+# cell without them is what it always was.
 CELL_FIELDS = ("dataset", "teacher", "student", "method", "seed", "budget", "mode")
+OPTIONAL_CELL_FIELDS = ("guide",)
 DEFAULT_DB_NAME = "mlflow.db"
 _DB_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
@@ -225,8 +228,10 @@ def _tag_value(value: Any) -> str:
 
 def cell_key(cell: Mapping[str, Any]) -> tuple[str | None, ...]:
     """The cell key in `finished_cells`' form: values as strings in CELL_FIELDS order,
-    None for a missing field. Accepts a plain mapping (dataset=..., seed=0, ...)."""
-    return tuple(None if cell.get(f) is None else str(cell[f]) for f in CELL_FIELDS)
+    None for a missing field, then the optional fields the cell has (non-empty). Accepts a
+    plain mapping (dataset=..., seed=0, ...)."""
+    return (tuple(None if cell.get(f) is None else str(cell[f]) for f in CELL_FIELDS)
+            + tuple(str(cell[f]) for f in OPTIONAL_CELL_FIELDS if cell.get(f)))
 
 
 def _chunks(items: list, size: int):
@@ -413,7 +418,7 @@ class Tracker:
                 tags = run.data.tags
                 if not any(k.startswith(tag_prefix) for k in tags):
                     continue
-                key = tuple(tags.get(f"{tag_prefix}{f}") for f in CELL_FIELDS)
+                key = cell_key({f: tags.get(f"{tag_prefix}{f}") for f in (*CELL_FIELDS, *OPTIONAL_CELL_FIELDS)})
                 if key not in out:  # newest first
                     out[key] = {"run_id": run.info.run_id, "metrics": dict(run.data.metrics),
                                 "tags": dict(tags), "params": dict(run.data.params)}

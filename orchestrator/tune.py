@@ -30,9 +30,9 @@ from ray.tune import Callback  # importing Ray's API does not start Ray
 
 from benchmarks.datasets import get_dataset_spec, load_split
 from methods import BUDGETS, get_method, list_methods, make_config
-from orchestrator.cli import (ArgumentParser, UsageError, add_data_args, check_writable, parse_pairs, parse_sets,
-                              run_cli)
-from orchestrator.core.cell import CellKey, CellSpec, check_cell, run_in_process
+from orchestrator.cli import (ArgumentParser, UsageError, add_data_args, add_guide_arg, check_writable, parse_pairs,
+                              parse_sets, run_cli)
+from orchestrator.core.cell import CellKey, CellSpec, check_cell, check_guide, run_in_process
 from orchestrator.core.classifiers import checkpoint_path, find_checkpoint
 from orchestrator.core.loop import epochs_done
 from orchestrator.core.provenance import code_version
@@ -68,6 +68,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--experiment", default="dfkd-tune", help="MLflow experiment name")
     p.add_argument("--out", default="runs/tune", help="results folder")
     add_data_args(p)
+    add_guide_arg(p)
     return p
 
 
@@ -95,15 +96,17 @@ def plan(args) -> dict:
     if args.metric not in METRICS:
         raise UsageError(f"--metric {args.metric!r}: use one of {', '.join(METRICS)}")
     fixed = parse_sets(args.set)
-    key = CellKey(args.dataset, teacher, student, args.method, args.seed, args.budget)
+    key = CellKey(args.dataset, teacher, student, args.method, args.seed, args.budget, guide=args.guide or "")
     config = check_cell(key, fixed)
-    space = check_space(args.method, load_space(args.space) if args.space else get_method(args.method).search_space(),
-                        args.budget, fixed)
+    # With a guide set, the method's guided fields (guide, lr_d) are searched too.
+    space = check_space(args.method, load_space(args.space) if args.space else
+                        get_method(args.method).search_space(guided=bool(key.guide)), args.budget, fixed)
     # ASHA's horizon: the configured epochs, or the most a searched `epochs` can reach.
     e = space.get("epochs")
     max_t = config.epochs if e is None else int(max(e.get("values") or [e["high"]]))
     # Data before Ray; trials get absolute folders (Tune runs them in other directories).
     data_root = str(load_split(args.dataset, "train", args.data_root, args.download).source.resolve())
+    guided = guide_plan(key, config, data_root)  # a bad guide set is refused before anything is written
     out = Path(args.out).expanduser().resolve()
     check_writable(out)
     storage = Path(args.storage).expanduser().resolve() if args.storage else out / "ray_results"
@@ -112,6 +115,8 @@ def plan(args) -> dict:
     check_tracking_uri(uri)
     check_address(args.address)
     slug = f"{args.method}_{args.dataset}_{teacher}-{student}_{args.budget}"
+    if key.guide:
+        slug += f"_guide-{key.guide.replace(':', '')}"
     name = args.name or f"{slug}_{time.strftime('%Y%m%d-%H%M%S')}"
     if args.resume:
         name = args.name or _last_search(storage, slug)
@@ -121,10 +126,20 @@ def plan(args) -> dict:
         raise UsageError(f"a search named {name!r} exists in {storage}; add --resume to continue it")
     p = {"key": key, "fixed": fixed, "space": space, "max_t": max_t, "num_samples": args.num_samples,
          "metric": args.metric, "mode": args.mode, "data_root": data_root, "out": out, "storage": storage,
-         "uri": uri, "name": name, "record": out / "searches" / f"{name}.json"}
+         "uri": uri, "name": name, "record": out / "searches" / f"{name}.json", **guided}
     if args.resume and p["record"].exists():  # the search goes on as it was started
         p.update(saved_settings(args, json.loads(p["record"].read_text())["settings"], fixed))
+        if p["key"].guide != key.guide:  # resumed by --name without repeating its --guide
+            p.update(guide_plan(p["key"], config, data_root))
     return p
+
+
+def guide_plan(key: CellKey, config, data_root: str) -> dict:
+    """The search's guide set, loaded (and checked) in the driver: the absolute file of a
+    condensed set for the trials (Tune runs them in other folders) and its MLflow params."""
+    guide = check_guide(key, data_root)
+    cache = guide.identity["source"] if guide is not None and guide.identity["kind"] == "condensed" else None
+    return {"guide_cache": cache, "guide_params": CellSpec(key, config, "", data_root, guide_cache=cache).guide_params()}
 
 
 def saved_settings(args, settings: dict, fixed: dict) -> dict:
@@ -134,8 +149,8 @@ def saved_settings(args, settings: dict, fixed: dict) -> dict:
     saved = dict(settings)
     if "key" in saved:
         key = CellKey(**saved["key"])
-        for field in ("method", "dataset", "budget", "seed"):
-            given, kept = getattr(args, field), getattr(key, field)
+        for field in ("method", "dataset", "budget", "seed", "guide"):
+            given, kept = getattr(args, field) or type(getattr(key, field))(), getattr(key, field)
             if f"--{field}" in typed and given != kept:
                 raise UsageError(f"--{field} {given}: this search was started with --{field} {kept}; --resume "
                                  f"continues it as it was started (drop --{field}, or start a new search)")
@@ -175,7 +190,8 @@ def make_trainable(ctx: dict):
         trial_dir = Path(tune.get_context().get_trial_dir())
         key = CellKey(**ctx["key"])
         spec = CellSpec.build(key, {**ctx["fixed"], **config}, checkpoint_path(ctx["teacher_dir"], key.dataset,
-                                                                               key.teacher), ctx["data_root"], "val")
+                                                                               key.teacher), ctx["data_root"], "val",
+                              ctx.get("guide_cache"))
         cell_dir = trial_dir / key.slug
         state = cell_dir / "state.pt"
         checkpoint = tune.get_checkpoint()
@@ -225,9 +241,10 @@ class TrialRecorder(Callback):
     the Tracker is opened lazily and never pickled."""
 
     def __init__(self, record: Path, uri: str, experiment: str, artifact_root: Path, tags: dict, fixed: dict,
-                 tracker: Tracker | None = None, log=print):
+                 tracker: Tracker | None = None, log=print, params: dict | None = None):
         self.record, self.uri, self.experiment, self.artifact_root = Path(record), uri, experiment, artifact_root
         self.tags, self.fixed, self.log = tags, fixed, log
+        self.params = dict(params or {})  # logged with every trial's run: the guide set's identity
         self._tracker = tracker
 
     def __getstate__(self):
@@ -258,7 +275,8 @@ class TrialRecorder(Callback):
             parent = json.loads(self.record.read_text())["parent"]
             run_id = self.tracker.start_child(parent, f"trial {trial.trial_id}",
                                               tags={"trial_id": trial.trial_id, **self.tags},
-                                              params={**self.fixed, **trial.config})
+                                              params={**self.fixed, **trial.config,
+                                                      **getattr(self, "params", {})})
             entry = self._update(trial.trial_id, run_id=run_id, config=trial.config)
         return entry, entry["run_id"]
 
@@ -325,7 +343,8 @@ def open_search(p: dict, args, tracker: Tracker) -> str:
         parent = tracker.start_parent(p["name"], tags={"kind": "tune", **key.tags(), **code_version()}, params={
             "method": key.method, "dataset": key.dataset, "pair": f"{key.teacher}:{key.student}",
             "budget": key.budget, "num_samples": p["num_samples"], "space": space_json(p["space"]),
-            "fixed": json.dumps(p["fixed"]), "metric": p["metric"], "mode": p["mode"], "seed": args.seed})
+            "fixed": json.dumps(p["fixed"]), "metric": p["metric"], "mode": p["mode"], "seed": args.seed,
+            **p.get("guide_params", {})})
         settings = {k: p[k] for k in ("fixed", "space", "max_t", "num_samples", "metric", "mode")}
         settings["key"] = dataclasses.asdict(key)
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -342,6 +361,7 @@ def make_tuner(p: dict, args, tracker: Tracker, gpus: float):
 
     key = p["key"]
     ctx = {"key": dataclasses.asdict(key), "fixed": p["fixed"], "data_root": p["data_root"], "gpus": gpus,
+           "guide_cache": p.get("guide_cache"),
            "teacher_dir": str(Path(args.teacher_dir).resolve()), "threads": max(int(args.cpus_per_trial), 1)}
     trainable = tune.with_resources(make_trainable(ctx), {"cpu": args.cpus_per_trial, "gpu": gpus})
     path = p["storage"] / p["name"]
@@ -349,7 +369,8 @@ def make_tuner(p: dict, args, tracker: Tracker, gpus: float):
         print(f"continuing the search at {path}")
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
     recorder = TrialRecorder(p["record"], p["uri"], args.experiment, p["out"] / "mlartifacts",
-                             {**key.tags(), "search": p["name"]}, p["fixed"], tracker=tracker)
+                             {**key.tags(), "search": p["name"]}, p["fixed"], tracker=tracker,
+                             params=p.get("guide_params"))
     return tune.Tuner(
         trainable, param_space=to_tune(p["space"]),
         tune_config=tune.TuneConfig(

@@ -1,6 +1,7 @@
 """One cell, built in one place for every entry point and every place it runs.
 
-A cell is one (dataset, teacher, student, method, seed, budget, mode). `CellSpec.build`
+A cell is one (dataset, teacher, student, method, seed, budget, mode), and optionally a guide
+set (`guide`, "real:K" or "condensed:K": orchestrator/core/guides.py). `CellSpec.build`
 resolves and validates its method config once (budget, then preset, then --set) and
 everything a user can get wrong before any work starts; the spec is then passed down
 as is, to this process's `run_in_process` or to Ray actors. The builders below give every
@@ -32,6 +33,8 @@ from models import create_model
 from orchestrator.core.bank_files import load_bank, save_bank
 from orchestrator.core.checkpoints import load_classifier, save_classifier
 from orchestrator.core.errors import UsageError
+from orchestrator.core.guides import DEFAULT_SEED as GUIDE_SEED
+from orchestrator.core.guides import load_guide, parse_guide
 from orchestrator.core.loop import History, InProcess, RoundLoop, Trainer
 
 
@@ -44,14 +47,21 @@ class CellKey:
     seed: int = 0
     budget: str = "cpu"
     mode: str = "paper"
+    # The guide set ("real:10", "condensed:10"; "" = none). Only a cell that has one names it
+    # (in `as_dict`, tags and slug), so every cell without one keeps its earlier identity.
+    guide: str = ""
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k == "guide" and not v)}
 
     def tags(self) -> dict[str, str]:
-        return {f"cell.{k}": str(v) for k, v in dataclasses.asdict(self).items()}
+        return {f"cell.{k}": str(v) for k, v in self.as_dict().items()}
 
     @property
     def slug(self) -> str:
+        guide = f"_guide-{self.guide.replace(':', '')}" if self.guide else ""
         return (f"{self.dataset}_{self.teacher}-{self.student}_{self.method}_"
-                f"s{self.seed}_{self.budget}_{self.mode}")
+                f"s{self.seed}_{self.budget}_{self.mode}{guide}")
 
 
 @dataclass(frozen=True)
@@ -63,11 +73,17 @@ class CellSpec:
     teacher_ckpt: str  # absolute path of the teacher checkpoint
     data_root: str | None = None  # the dataset folder (absolute), or None for the lookup order
     eval_split: str = "test"  # "val": a fixed held-out slice of the train set (hyperparameter search)
+    guide_cache: str | None = None  # a condensed guide set: its file (absolute), so every process reads it
 
     @classmethod
     def build(cls, key: CellKey, overrides: dict | None, teacher_ckpt: str | Path, data_root: str | None = None,
-              eval_split: str = "test") -> "CellSpec":
-        return cls(key, check_cell(key, overrides), str(Path(teacher_ckpt).resolve()), data_root, eval_split)
+              eval_split: str = "test", guide_cache: str | None = None) -> "CellSpec":
+        """Checks the cell (config, guide set) and resolves what it reads; UsageError when wrong."""
+        config = check_cell(key, overrides)
+        guide = check_guide(key, data_root, guide_cache)
+        if guide is not None and guide.identity["kind"] == "condensed":
+            guide_cache = guide.identity["source"]  # absolute: actors and trials run in other folders
+        return cls(key, config, str(Path(teacher_ckpt).resolve()), data_root, eval_split, guide_cache)
 
     @property
     def method(self) -> type:
@@ -79,6 +95,18 @@ class CellSpec:
 
     def config_dict(self) -> dict:
         return dataclasses.asdict(self.config)
+
+    def load_guide(self):
+        """The cell's guide set (GuideSet), loaded once per process; None without one."""
+        return check_guide(self.key, self.data_root, self.guide_cache)
+
+    def guide_params(self) -> dict[str, str]:
+        """The guide set's identity as MLflow params (`guide.kind`, `.k`, `.seed`, `.dataset`,
+        `.sha256`); empty without one."""
+        guide = self.load_guide()
+        if guide is None:
+            return {}
+        return {f"guide.{k}": str(guide.identity[k]) for k in ("kind", "k", "seed", "dataset", "sha256")}
 
 
 def image_spec(dataset: str) -> ImageSpec:
@@ -99,7 +127,28 @@ def check_cell(key: CellKey, overrides: dict | None = None) -> BaseConfig:
             create_model(arch, spec.num_classes, in_channels=spec.channels, image_size=spec.image_size)
         except ValueError as exc:
             raise UsageError(f"{role} '{arch}' cannot be built for {key.dataset}: {exc}") from None
-    return make_config(key.method, key.budget, overrides or {})
+    config = make_config(key.method, key.budget, overrides or {})
+    if key.guide:
+        parse_guide(key.guide)
+    elif reason := get_method(key.method).needs_guide(config):
+        raise UsageError(f"{key.method}: {reason}; give the cell a guide set with --guide KIND:K (e.g. real:10)")
+    return config
+
+
+def check_guide(key: CellKey, data_root: str | None = None, cache: str | None = None):
+    """The cell's guide set (orchestrator/core/guides.py: `load_guide`, guide seed 0, so every
+    training seed reads the same set), or None without one. Bad input (a malformed spec, K
+    above a class's count, a missing or mismatched condensed set) is a UsageError; nothing is
+    written. Loaded once per process and arguments."""
+    if not key.guide:
+        return None
+    return _guide(key.guide, key.dataset, None if data_root is None else str(data_root),
+                  None if cache is None else str(cache))
+
+
+@functools.lru_cache(maxsize=4)
+def _guide(kind_k: str, dataset: str, data_root: str | None, cache: str | None):
+    return load_guide(kind_k, dataset, data_root, seed=GUIDE_SEED, cache_dir=cache)
 
 
 # ------------------------------------------------------------------- the parts of a cell
@@ -166,13 +215,19 @@ class StudentEnsemble(torch.nn.Module):
 def make_synthesizer(spec: CellSpec, teacher, students: list[torch.nn.Module], bank=None, device="cpu"):
     """The method's synthesizer against one student (itself) or several (their ensemble)."""
     opponent = students[0] if len(students) == 1 else StudentEnsemble(students)
-    return create_synthesizer(spec.key.method, teacher, opponent, spec.config, spec.image_spec, bank=bank,
-                              device=device)
+    synthesizer = create_synthesizer(spec.key.method, teacher, opponent, spec.config, spec.image_spec, bank=bank,
+                                     device=device)
+    if (guide := spec.load_guide()) is not None:  # read from disk in every process, never shipped
+        synthesizer.attach_guide(guide.images, guide.labels)
+    return synthesizer
 
 
 def make_trainer(spec: CellSpec, student: torch.nn.Module, device="cpu") -> Trainer:
     teacher, _ = load_teacher(spec.teacher_ckpt, spec.key.dataset, device)
-    return Trainer(teacher, student, spec.config, load_eval_set(spec), spec.image_spec, device)
+    trainer = Trainer(teacher, student, spec.config, load_eval_set(spec), spec.image_spec, device)
+    if (guide := spec.load_guide()) is not None:  # for guide_mix
+        trainer.attach_guide(guide.images, guide.labels)
+    return trainer
 
 
 # --------------------------------------------------------------------- the cell's record
@@ -199,7 +254,7 @@ def write_cell_files(cell_dir: Path, spec: CellSpec, history: History, student: 
     key = spec.key
     from orchestrator.core.provenance import cell_provenance
 
-    (cell_dir / "config.json").write_text(json.dumps({"cell": dataclasses.asdict(key), "config": spec.config_dict(),
+    (cell_dir / "config.json").write_text(json.dumps({"cell": key.as_dict(), "config": spec.config_dict(),
                                                       "provenance": cell_provenance(spec)}, indent=2))
     (cell_dir / "history.json").write_text(json.dumps(dataclasses.asdict(history), indent=2))
     if grid is not None:

@@ -42,6 +42,8 @@ import torch
 
 from benchmarks.datasets import ImageSet
 from methods import ConfigError, KDObjective, place
+from methods.config import same_identity
+from methods.guided import draw_guide
 from orchestrator.core.training import evaluate
 
 
@@ -127,6 +129,26 @@ class Trainer:
         self.optimizer = torch.optim.SGD([*student.parameters(), *self.objective.parameters()], lr=config.lr,
                                          momentum=0.9, weight_decay=1e-4)
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
+        self.guide_images: torch.Tensor | None = None  # the cell's guide set (attach_guide), for guide_mix
+        self.guide_labels: torch.Tensor | None = None
+
+    def attach_guide(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """The cell's guide set (float [0, 1] images, labels): what `guide_mix` mixes in."""
+        self.guide_images = images.to(device=self.device, dtype=torch.float32)
+        self.guide_labels = labels.to(device=self.device, dtype=torch.long)
+
+    def mix_guide(self, x: torch.Tensor) -> torch.Tensor:
+        """A KD batch ([0, 1]) with its last round(guide_mix * B) images replaced by guide
+        images through the dataset's crop and flip (the naive mixing baseline of guided
+        inversion); the batch itself when guide_mix is 0 (no random draw)."""
+        n = round(self.config.guide_mix * len(x))
+        if n == 0:
+            return x
+        if self.guide_images is None:
+            raise ConfigError(f"guide_mix={self.config.guide_mix} mixes guide images into KD batches, but the "
+                              "cell has no guide set; give it one (--guide KIND:K)")
+        guide, _ = draw_guide(self.guide_images, self.guide_labels, n, self.image_spec)
+        return torch.cat([x[:len(x) - n], guide.to(x.dtype)])
 
     def kd_steps(self, sample: Callable[[int], torch.Tensor], steps: int | None = None) -> dict[str, float]:
         """`steps` (default `config.kd_steps`) student updates on `sample(batch_size)` ([0, 1]
@@ -137,7 +159,7 @@ class Trainer:
         self.student.train()
         sums: dict[str, float] = {}
         for _ in range(steps):
-            x = self.image_spec.normalize(sample(cfg.batch_size))
+            x = self.image_spec.normalize(self.mix_guide(sample(cfg.batch_size)))
             with torch.no_grad():
                 t_out = self.teacher(x, return_features=self.objective.uses_features)
             terms = self._update(x, t_out)
@@ -478,7 +500,9 @@ def load_matching_state(path: str | Path | None, config, n_students: int) -> dic
 
         raise UsageError(f"cannot read the resume state {path} ({type(exc).__name__}: "
                          f"{str(exc).strip().splitlines()[0][:160]}); delete it to start the cell over") from None
-    if state.get("config") != asdict(config) or len(state.get("histories", [])) != n_students:
+    # A state saved before a late config field existed (methods/config.py: `late`) matches
+    # today's config with that field at its default.
+    if not same_identity(state.get("config"), config) or len(state.get("histories", [])) != n_students:
         return None
     return state
 
