@@ -349,3 +349,14 @@ def test_tune_searches_the_guide_fields_only_with_a_guide_set():
         make_config("cmi", "smoke", {"guide_mix": 1.5})
     with pytest.raises(ConfigError, match="one_stage=true: guide_mix must be 0"):
         make_config("dfad", "smoke", {"one_stage": True, "g_steps": 1, "guide_mix": 0.5})
+
+
+def test_a_resumed_search_keeps_its_guide_set():
+    from orchestrator import tune
+    from orchestrator.cli import UsageError
+
+    started = {"key": {"dataset": "mnist", "teacher": "resnet8", "student": "resnet8", "method": "cmi", "seed": 0,
+                       "budget": "smoke", "mode": "paper", "guide": "real:2"}, "fixed": {}}
+    assert tune.saved_settings(tune.parse_args(["--resume"]), started, {})["key"].guide == "real:2"
+    with pytest.raises(UsageError, match="--guide real:3: this search was started with --guide real:2"):
+        tune.saved_settings(tune.parse_args(["--resume", "--guide", "real:3"]), started, {})
