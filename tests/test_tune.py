@@ -240,3 +240,19 @@ def test_yaml_presets_and_space_errors_with_line_and_column(tmp_path):
     preset.write_text("method: cmi\nconfig: {lr_g: 0.002\n")
     with pytest.raises(UsageError, match=r"--preset .*line \d+, column \d+"):
         method_overrides(["cmi"], {}, [str(preset)])
+
+
+def test_asha_grace_period_reaches_past_every_warm_up_a_trial_can_have(env, tmp_path):
+    # Warm-up epochs only synthesize: a trial scores chance until its first KD epoch, so a
+    # grace period inside the warm-up stops every trial that warms up.
+    assert tune.grace_period(1, 0, None, 10) == 1
+    assert tune.grace_period(1, 2, None, 10) == 3  # fixed warm-up (--set or the budget)
+    assert tune.grace_period(1, 0, {"type": "choice", "values": [0, 1, 2]}, 10) == 3  # searched warm-up
+    assert tune.grace_period(4, 0, {"type": "int", "low": 0, "high": 2}, 10) == 4  # asked for more: kept
+    assert tune.grace_period(1, 20, None, 10) == 10  # never past the horizon
+    space = tmp_path / "warm.json"
+    space.write_text(json.dumps({"warmup_epochs": {"type": "choice", "values": [0, 1]}}))
+    p = tune.plan(tune.parse_args(["--method", "fast", "--dataset", "mnist", "--pair", "resnet8:resnet8",
+                                   "--budget", "smoke", "--set", "epochs=3", "--space", str(space),
+                                   "--data-root", str(env / "data"), "--out", str(tmp_path / "out")]))
+    assert p["grace"] == 2 and p["max_t"] == 3
