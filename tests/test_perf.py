@@ -42,3 +42,29 @@ def test_eval_speed_bad_input_is_one_line_and_exit_2(tiny_mnist, capsys, extra, 
         run_cli(eval_speed.main, ["--dataset", "mnist", "--data-root", str(tiny_mnist / "data"), *extra])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and needle in err and "Traceback" not in err
+
+
+def test_chunked_teacher_pass_recombines_to_the_one_pass_statistics_and_gradient(capsys):
+    from orchestrator.perf import chunking
+
+    assert chunking.main(["--arch", "resnet8", "--batch", "8", "--chunks", "8,4,2", "--threads", "1",
+                          "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    diffs = [line for line in out.splitlines() if line.startswith("chunk")]
+    assert len(diffs) == 3
+    for line in diffs:  # same mathematics: the merged statistics give the one-pass loss and gradient
+        loss = float(line.split("one pass| ")[1].split(",")[0])
+        grad = float(line.split("difference ")[1].split(" ")[0])
+        assert loss < 1e-5 and grad < 1e-5, line
+    assert "| 2 |" in out
+
+
+@pytest.mark.parametrize("extra", [["--chunks", "x"], ["--chunks", "0"], ["--arch", "nosuch"]])
+def test_chunking_bad_input_is_one_line_and_exit_2(capsys, extra):
+    from orchestrator.cli import run_cli
+    from orchestrator.perf import chunking
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(chunking.main, extra)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("error:") and "Traceback" not in err
