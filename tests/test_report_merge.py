@@ -49,3 +49,21 @@ def test_bad_sources_are_one_line_and_exit_2(tmp_path, args, needle):
     proc = subprocess.run([sys.executable, "-m", "orchestrator.report_merge", *argv], capture_output=True, text=True)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "merged").exists()
+
+
+def test_untimed_cells_keep_their_accuracy_and_lose_their_seconds(tmp_path):
+    plain = bench_folder(tmp_path / "plain", "cmi", [80.0, 82.0, 78.0], [900.0, 280.0, 290.0])
+    out = tmp_path / "merged"
+    assert main([str(plain), "--untimed", "CMI:0", "--out", str(out)]) == 0
+    merged = pd.read_csv(out / "results.csv")
+    assert len(merged[merged.metric == "accuracy"]) == 3  # every seed's accuracy stays
+    assert sorted(merged[merged.metric == "synthesis_seconds"].value) == [280.0, 290.0]
+    table = (out / "table_fashion-mnist.md").read_text()
+    assert "80.00 ± 2.00" in table and "285" in table and "490" not in table  # mean of the timed seeds only
+
+
+def test_untimed_must_name_a_cell(tmp_path):
+    plain = bench_folder(tmp_path / "plain", "cmi", [80.0], [270.0])
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.report_merge", str(plain), "--untimed", "CMI:7",
+                           "--out", str(tmp_path / "m")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "no such cell" in proc.stderr
