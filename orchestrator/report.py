@@ -163,7 +163,7 @@ def plot_cost(long: pd.DataFrame, dataset: str, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
     for (row, teacher, student), p in points.iterrows():
         cell = df[(df.row == row) & (df.teacher == teacher) & (df.student == student)]
         seeds = cell.pivot_table(index="seed", columns="metric", values="value")
@@ -172,11 +172,16 @@ def plot_cost(long: pd.DataFrame, dataset: str, path: Path) -> Path | None:
                     markersize=6, capsize=3, color=dots.get_facecolor()[0][:3],
                     label=f"{row} {teacher}->{student} (n={int(p.n)})")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 10, 20, 50, 100, ...
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 10, 100, not 10^1
+    ax.xaxis.set_minor_formatter(NullFormatter())  # unlabeled minor ticks: labels overlapped
     ax.set_xlabel("synthesis seconds per cell (log)")
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title(f"{dataset}: accuracy against synthesis cost")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: points fill the axes
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
