@@ -147,7 +147,7 @@ def cost_points(long: pd.DataFrame, dataset: str) -> pd.DataFrame:
                         "synthesis_s": grouped.synthesis_seconds.mean(),
                         "synthesis_s_std": grouped.synthesis_seconds.std().fillna(0.0)})
     out.index.names = ["Method", "teacher", "student"]
-    return out
+    return out[out.synthesis_s.notna()]  # rows with no synthesis time (e.g. NetGraft) have no point
 
 
 def plot_cost(long: pd.DataFrame, dataset: str, path: Path) -> Path | None:
@@ -166,7 +166,7 @@ def plot_cost(long: pd.DataFrame, dataset: str, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
     for (row, teacher, student), p in points.iterrows():
         cell = df[(df.row == row) & (df.teacher == teacher) & (df.student == student)]
-        seeds = cell.pivot_table(index="seed", columns="metric", values="value")
+        seeds = cell.pivot_table(index="seed", columns="metric", values="value").dropna(subset=["synthesis_seconds"])
         dots = ax.scatter(seeds.synthesis_seconds.clip(lower=1e-3), seeds.accuracy, s=12, alpha=0.5)
         ax.errorbar(max(p.synthesis_s, 1e-3), p.accuracy, xerr=p.synthesis_s_std, yerr=p.accuracy_std, fmt="o",
                     markersize=6, capsize=3, color=dots.get_facecolor()[0][:3],

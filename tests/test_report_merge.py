@@ -67,3 +67,17 @@ def test_untimed_must_name_a_cell(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "orchestrator.report_merge", str(plain), "--untimed", "CMI:7",
                            "--out", str(tmp_path / "m")], capture_output=True, text=True)
     assert proc.returncode == 2 and "no such cell" in proc.stderr
+
+
+def test_a_row_without_synthesis_seconds_is_in_the_table_but_not_the_plot(tmp_path):
+    plain = bench_folder(tmp_path / "plain", "cmi", [80.0, 82.0], [270.0, 280.0])
+    graft = tmp_path / "graft"
+    graft.mkdir()
+    key = CellKey("fashion-mnist", "wrn16_2", "wrn16_1", "netgraft", 0)
+    pd.DataFrame(long_rows(key, "finished", {"accuracy": 70.0, "wall_seconds": 150.0}, row="NetGraft")).to_csv(
+        graft / "results.csv", index=False)
+    out = tmp_path / "merged"
+    assert main([str(plain), str(graft), "--out", str(out)]) == 0
+    table = (out / "table_fashion-mnist.md").read_text()
+    assert "| NetGraft " in table and "70.00" in table
+    assert (out / "accuracy_vs_synthesis_fashion-mnist.png").stat().st_size > 0
