@@ -23,7 +23,6 @@ runs again replaces its rows. Bad input is one line and exit code 2, with nothin
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
@@ -39,6 +38,8 @@ import torch
 from benchmarks.datasets import get_dataset_spec, list_datasets, load_split
 from methods import place
 from models import create_model
+from orchestrator.bench import removed_if_refused
+from orchestrator.report import mean_std
 from orchestrator.cli import ArgumentParser, OutLock, UsageError, check_writable, parse_device, run_cli, split_list
 from orchestrator.core.cell import CellKey, image_spec, load_teacher
 from orchestrator.core.checkpoints import save_classifier
@@ -166,18 +167,6 @@ def make_plan(args) -> Plan:
         check_tracking_uri(uri)
     return Plan(dataset, args.guide, guide, seeds, args.budget, args.teacher, args.student, teacher_path.resolve(),
                 teacher, meta, test, out, uri, device)
-
-
-@contextlib.contextmanager
-def removed_if_refused(out: Path):
-    """Removes `out` again if this run created it and a check inside refuses the run."""
-    existed = out.exists()
-    try:
-        yield
-    except Exception:
-        if not existed and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
 
 
 # ---------------------------------------------------------------------------- results.csv
@@ -308,11 +297,7 @@ def run_seed(plan: Plan, seed: int, tracker: Tracker, log=print) -> tuple[str, f
 def summary(values: list[float]) -> str:
     if not values:
         return "no finished seed"
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.2f}"
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.2f} ± {std:.2f} over {len(values)} seeds"
+    return f"{mean_std(values)} over {len(values)} seeds"
 
 
 def main(argv=None) -> int:

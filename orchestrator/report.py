@@ -37,8 +37,11 @@ def long_rows(key, status: str, metrics: dict[str, float], row: str | None = Non
 
 
 def _fmt(values: list[float]) -> str:
-    if not values:
-        return "failed"
+    return mean_std(values) if values else "failed"
+
+
+def mean_std(values: list[float]) -> str:
+    """"m" for one value, "m ± s" (sample std) for more."""
     mean = sum(values) / len(values)
     if len(values) == 1:
         return f"{mean:.2f}"
