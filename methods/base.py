@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import copy
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
@@ -198,6 +197,31 @@ class Synthesizer(abc.ABC):
         return targets.sort().values.to(self.device)
 
 
-def is_better(loss: float, best: float) -> bool:
-    """Strictly lower; a NaN never replaces the first iterate, which is kept instead."""
-    return not math.isnan(loss) and loss < best
+class BestIterate:
+    """The lowest-loss iterate of a synthesis loop, chosen on the device: no host sync per
+    step (on a GPU a sync per step stalls the queue of kernels); the floats are read once,
+    by `result()`. The same choice as comparing floats: strictly lower, and a NaN never
+    replaces the first iterate (`x < nan` and `nan < x` are both false)."""
+
+    def __init__(self):
+        self.loss: torch.Tensor | None = None
+        self.names: list[str] = []
+        self.values: torch.Tensor | None = None
+        self.tensors: list[torch.Tensor] = []
+
+    def offer(self, terms: dict[str, torch.Tensor], total: torch.Tensor, *tensors: torch.Tensor) -> None:
+        """This step's unweighted terms, weighted total and the tensors to keep with it."""
+        loss = total.detach()
+        values = torch.stack([*(v.detach() for v in terms.values()), loss])
+        if self.loss is None:  # copies: the caller's tensors may be updated in place next
+            self.names, self.loss, self.values = [*terms, "total"], loss, values
+            self.tensors = [t.detach().clone() for t in tensors]
+            return
+        better = loss < self.loss
+        self.loss = torch.where(better, loss, self.loss)
+        self.values = torch.where(better, values, self.values)
+        self.tensors = [torch.where(better, t.detach(), kept) for t, kept in zip(tensors, self.tensors)]
+
+    def result(self) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """The kept tensors and the kept step's report (terms and "total" as floats)."""
+        return self.tensors, dict(zip(self.names, self.values.tolist()))

@@ -4,7 +4,6 @@ and are distinguishable from each other and from all earlier batches, measured b
 contrastive loss on the teacher's features."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from models import create_generator
 
 from .augment import crop_and_flip, resized_crop_and_flip
-from .base import SynthesisResult, eval_mode, is_better, place
+from .base import BestIterate, SynthesisResult, eval_mode, place
 from .budgets import inversion_budgets
 from .config import BaseConfig, override, param, weight
 from .guided import GuidedConfig, GuidedInversion
@@ -171,26 +170,20 @@ class CMI(GuidedInversion):
         optimizer = torch.optim.Adam([{"params": self.generator.parameters()}, {"params": [z]}],
                                      lr=cfg.lr_g, betas=(0.5, 0.999))
         params = [*self.generator.parameters(), z, *self.head.parameters()]
-        best = None
-        best_loss = math.inf
+        best = BestIterate()
         with BatchNormHooks(self.teacher) as hooks, eval_mode(self.student):
             for _ in range(cfg.g_steps):
                 images = self.generator(z)
                 terms, local_feat, global_feat = self.loss_terms(images, targets, hooks)
                 total = self.weighted_total(terms)
-                loss = float(total.detach())
-                if best is None or is_better(loss, best_loss):
-                    best_loss = loss
-                    best = (images.detach().clone(),
-                            torch.cat([local_feat, global_feat], dim=1).detach().clone(),
-                            self.report(terms, total))
+                best.offer(terms, total, images, torch.cat([local_feat, global_feat], dim=1))
                 optimizer.zero_grad(set_to_none=True)
                 self.head_optimizer.zero_grad(set_to_none=True)
                 total.backward(inputs=params)
                 optimizer.step()
                 self.head_optimizer.step()
                 self.after_step(hooks)
-        best_images, best_features, report = best
+        (best_images, best_features), report = best.result()
         images = self.keep(best_images, targets, best_features)
         return SynthesisResult(images, self.round_report(report))
 

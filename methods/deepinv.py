@@ -3,14 +3,13 @@ its confidence in sampled target classes and a smoothness prior look like real d
 optionally (adaptive DeepInversion) also make the student disagree with the teacher."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .augment import jitter_and_flip
-from .base import SynthesisResult, eval_mode, is_better
+from .base import BestIterate, SynthesisResult, eval_mode
 from .budgets import inversion_budgets
 from .config import BaseConfig, override, param, weight
 from .guided import GuidedConfig, GuidedInversion
@@ -74,7 +73,7 @@ class DeepInv(GuidedInversion):
         optimizer = torch.optim.Adam([x], lr=cfg.lr_g, betas=(0.5, 0.99))
         low = spec.normalize(torch.zeros(1, spec.channels, 1, 1, device=self.device))
         high = spec.normalize(torch.ones(1, spec.channels, 1, 1, device=self.device))
-        best, best_loss, best_report = None, math.inf, None
+        best = BestIterate()
         with BatchNormHooks(self.teacher, features=False) as hooks, eval_mode(self.student):
             for _ in range(cfg.g_steps):
                 x_aug = jitter_and_flip(x, cfg.jitter)
@@ -88,10 +87,7 @@ class DeepInv(GuidedInversion):
                     terms["adv"] = -js_div(self.student(x_aug), t_logits, JS_TEMPERATURE)
                 terms.update(extra)  # the guided term (methods/guided.py), when on
                 total = self.weighted_total(terms)
-                loss = float(total.detach())
-                if best is None or is_better(loss, best_loss):
-                    # clone(): x is updated in place by the optimizer below.
-                    best, best_loss, best_report = x.detach().clone(), loss, self.report(terms, total)
+                best.offer(terms, total, x)  # copied: x is updated in place by the optimizer below
                 optimizer.zero_grad(set_to_none=True)
                 total.backward(inputs=[x])
                 optimizer.step()
@@ -99,5 +95,6 @@ class DeepInv(GuidedInversion):
                     # Keep pixels inside the valid [0, 1] range of the dataset.
                     x.copy_(torch.maximum(torch.minimum(x, high), low))
                 self.after_step(hooks)
-        images = self.keep(spec.denormalize(best), targets)
-        return SynthesisResult(images, self.round_report(best_report))
+        (kept,), report = best.result()
+        images = self.keep(spec.denormalize(kept), targets)
+        return SynthesisResult(images, self.round_report(report))

@@ -3,14 +3,13 @@ batch needs only a few optimisation steps (g_steps 2-10 instead of CMI's hundred
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
 
 from models import create_generator
 
-from .base import SynthesisResult, eval_mode, is_better, place
+from .base import BestIterate, SynthesisResult, eval_mode, place
 from .budgets import CPU, SMOKE
 from .config import BaseConfig, override, param, weight
 from .guided import GuidedConfig, GuidedInversion
@@ -92,16 +91,14 @@ class Fast(GuidedInversion):
         # to be adversarial against.
         rounds_per_epoch = max(cfg.ep_steps // cfg.kd_steps, 1)
         adversarial = self.uses_student and self.rounds >= cfg.warmup_epochs * rounds_per_epoch
-        best, best_loss = None, math.inf
+        best = BestIterate()
         with BatchNormHooks(self.teacher, features=False, momentum=self.bn_statistics,
                             momentum_rate=cfg.bn_momentum) as hooks, eval_mode(self.student):
             for _ in range(cfg.g_steps):
                 images = fast(z)
                 terms = self.generated_batch_terms(images, targets, hooks, adversarial)
                 total = self.weighted_total(terms)
-                loss = float(total.detach())
-                if best is None or is_better(loss, best_loss):
-                    best, best_loss = (images.detach().clone(), self.report(terms, total)), loss
+                best.offer(terms, total, images)
                 optimizer.zero_grad(set_to_none=True)
                 total.backward(inputs=[*fast_params, z])
                 with torch.no_grad():  # first-order MAML: the clone's gradient, summed over the steps
@@ -112,8 +109,9 @@ class Fast(GuidedInversion):
             self.meta_optimizer.step()
             self.bn_statistics = hooks.advance_momentum()
         self.rounds += 1
-        images = self.keep(best[0], targets)
-        return SynthesisResult(images, self.round_report(best[1]))
+        (kept,), report = best.result()
+        images = self.keep(kept, targets)
+        return SynthesisResult(images, self.round_report(report))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "generator": self.generator.state_dict(),

@@ -102,7 +102,7 @@ class GuidedInversion(InversionSynthesizer):
         super().__init__(teacher, student, config, spec, bank, device)
         self.discriminator: FeatureDiscriminator | None = None
         self._fake: tuple[torch.Tensor, torch.Tensor] | None = None  # the last step's detached features, targets
-        self._disc_losses: list[float] = []
+        self._disc_losses: list[torch.Tensor] = []  # read as floats once per round: no sync per step
         if self.guided:  # built only when used: a plain config draws nothing more than before
             self.discriminator = FeatureDiscriminator(teacher.num_features, spec.num_classes).to(self.device)
             self.d_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=config.lr_d, betas=DISC_BETAS)
@@ -123,7 +123,7 @@ class GuidedInversion(InversionSynthesizer):
         if self.guided:
             self._disc_losses.append(self.discriminator_step(hooks))
 
-    def discriminator_step(self, hooks=None) -> float:
+    def discriminator_step(self, hooks=None) -> torch.Tensor:
         """One Adam step of D: guide images (augmented) are real, the last step's synthesized
         features (detached) fake. The guide images' teacher pass is hidden from `hooks`, so
         the method's BN statistics, features and momentum stay those of its own batch."""
@@ -136,12 +136,12 @@ class GuidedInversion(InversionSynthesizer):
         self.d_optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=list(self.discriminator.parameters()))
         self.d_optimizer.step()
-        return float(loss.detach())
+        return loss.detach()
 
     def round_report(self, report: dict[str, float]) -> dict[str, float]:
         if not self._disc_losses:
             return report
-        disc, self._disc_losses = sum(self._disc_losses) / len(self._disc_losses), []
+        disc, self._disc_losses = sum(x.item() for x in self._disc_losses) / len(self._disc_losses), []
         return {**report, "disc": disc}
 
     def state_dict(self) -> dict:

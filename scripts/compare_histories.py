@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def load(root: Path) -> dict:
-    files = sorted(root.glob("bench/cells/*/history.json")) + sorted(root.glob("distill/*/history.json"))
+    files = sorted(root.glob("bench*/cells/*/history.json")) + sorted(root.glob("distill/*/history.json"))
     return {str(f.relative_to(root)): json.loads(f.read_text()) for f in files}
 
 

@@ -26,12 +26,20 @@ get_classifier("mnist", "resnet8", out=root / "teachers", recipe=default_recipe(
                data_root=root / "data", progress=False, log=lambda *_: None)
 PY
 fi
-methods=$(PYTHONPATH=$code $py -c "from methods import list_methods; print(' '.join(list_methods()))")
+# Methods that need a guide set run with one (--guide real:1), and so does one guided
+# inversion (Fast with its discriminator on), in a second bench folder.
+plain=$(PYTHONPATH=$code $py -c "from methods import get_method, list_methods; print(' '.join(m for m in list_methods() if not get_method(m).requires_guide))")
+guided=$(PYTHONPATH=$code $py -c "from methods import get_method, list_methods; print(' '.join(m for m in list_methods() if get_method(m).requires_guide))")
 common="--budget smoke --set epochs=3 --data-root $root/data --teacher-dir $root/teachers --device cpu"
-for m in $methods; do
-  OMP_NUM_THREADS=1 PYTHONPATH=$code $py -m orchestrator.distill --method "$m" --dataset mnist --teacher resnet8 \
-    --student resnet8 $common --out "$out/distill" --no-progress --fresh > "$out/distill_$m.log" 2>&1
-done
-PYTHONPATH=$code $py -m orchestrator.bench --methods "${methods// /,}" --datasets mnist --pairs resnet8:resnet8 \
+distill() {
+  OMP_NUM_THREADS=1 PYTHONPATH=$code $py -m orchestrator.distill --method "$1" --dataset mnist --teacher resnet8 \
+    --student resnet8 $common --out "$out/distill" --no-progress --fresh "${@:2}" > "$out/distill_$(echo "$*" | tr ' :=' '___').log" 2>&1
+}
+for m in $plain; do distill "$m"; done
+for m in $guided; do distill "$m" --guide real:1; done
+distill fast --guide real:1 --set guide=0.5
+PYTHONPATH=$code $py -m orchestrator.bench --methods "${plain// /,}" --datasets mnist --pairs resnet8:resnet8 \
   $common --out "$out/bench" > "$out/bench.log" 2>&1
+PYTHONPATH=$code $py -m orchestrator.bench --methods "${guided// /,},fast" --set fast.guide=0.5 --guide real:1 \
+  --datasets mnist --pairs resnet8:resnet8 $common --out "$out/bench_guide" > "$out/bench_guide.log" 2>&1
 echo "histories in $out (exit $?)"

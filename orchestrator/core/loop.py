@@ -157,15 +157,17 @@ class Trainer:
         cfg = self.config
         steps = cfg.kd_steps if steps is None else steps
         self.student.train()
-        sums: dict[str, float] = {}
+        # Summed on the device (no host sync per step), in float64 and in step order: the
+        # same sums as adding the steps' Python floats one by one.
+        sums: dict[str, torch.Tensor] = {}
         for _ in range(steps):
             x = self.image_spec.normalize(self.mix_guide(sample(cfg.batch_size)))
             with torch.no_grad():
                 t_out = self.teacher(x, return_features=self.objective.uses_features)
             terms = self._update(x, t_out)
             for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.item()
-        return {name: value / steps for name, value in sums.items()}
+                sums[name] = sums.get(name, 0.0) + value.detach().double()
+        return {name: value.item() / steps for name, value in sums.items()}
 
     def joint_step(self, images: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
         """The student's half of a one-stage joint step (methods/generative.py): one KD step
