@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from methods import get_method, list_methods
+from methods.spec import ImageSpec
 from orchestrator import distill as distill_cli
 from orchestrator.core.cell import CellKey, CellSpec, run_in_process
+
+SPEC8 = ImageSpec(10, 1, 8, (0.5,), (0.5,))  # 8x8 one-channel images for Trainer-level tests
 
 
 @pytest.fixture(scope="module")
@@ -231,12 +234,44 @@ def test_the_curve_scores_a_fixed_subset_and_the_last_epoch_the_whole_split(monk
     monkeypatch.setattr(loop, "evaluate", lambda model, split, device: scored.append(split) or 0.0)
     make = lambda: loop.Trainer(create_model("resnet8", num_classes=10, in_channels=1),  # noqa: E731
                                 create_model("resnet8", num_classes=10, in_channels=1),
-                                SimpleNamespace(lr=0.1, epochs=3, kd_criterion="kl", T=1.0), data, None)
+                                SimpleNamespace(lr=0.1, epochs=3, kd_criterion="kl", T=1.0, kd_steps=1,
+                                                batch_size=4, guide_mix=0.0), data, SPEC8)
     trainer = make()
-    trainer.end_epoch(), trainer.end_epoch()
+    trainer.end_epoch()
+    trainer.kd_steps(lambda b: torch.rand(b, 1, 8, 8))  # a changed student is scored again
+    trainer.end_epoch()
     resumed = make()  # a cell resumed after epoch 2 knows its last epoch from the scheduler state
     resumed.load_state_dict(trainer.state_dict())
     resumed.end_epoch()
     assert [len(s) for s in scored] == [loop.CURVE_IMAGES, loop.CURVE_IMAGES, n]
     assert torch.equal(scored[0].images, scored[1].images)  # the same images every epoch
     assert torch.equal(scored[0].images, make().curve_set.images)  # and in every cell
+
+
+def test_an_unchanged_student_is_not_scored_again(monkeypatch):
+    """A warm-up epoch takes no KD step: its student is the one scored at the epoch before, so
+    the same number is reported without a pass over the images; a step, a resumed state or
+    the last epoch's whole split is scored anew."""
+    from types import SimpleNamespace
+
+    from benchmarks.datasets import ImageSet, get_dataset_spec
+    from models import create_model
+    from orchestrator.core import loop
+
+    n = loop.CURVE_IMAGES + 500
+    data = ImageSet(torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8), torch.arange(n) % 10,
+                    get_dataset_spec("mnist"), "memory")
+    scored = []
+    monkeypatch.setattr(loop, "evaluate", lambda model, split, device: scored.append(len(split)) or float(len(scored)))
+    trainer = loop.Trainer(create_model("resnet8", num_classes=10, in_channels=1),
+                           create_model("resnet8", num_classes=10, in_channels=1),
+                           SimpleNamespace(lr=0.1, epochs=5, kd_criterion="kl", T=1.0, kd_steps=1, batch_size=4,
+                                           guide_mix=0.0), data, SPEC8)
+    warm = [trainer.end_epoch(), trainer.end_epoch()]  # two warm-up epochs: one pass
+    trainer.kd_steps(lambda b: torch.rand(b, 1, 8, 8))
+    after_kd = trainer.end_epoch()
+    trainer.load_state_dict(trainer.state_dict())
+    resumed = trainer.end_epoch()
+    last = trainer.end_epoch()  # no step since, but the whole split
+    assert warm == [1.0, 1.0] and after_kd == 2.0 and resumed == 3.0 and last == 4.0
+    assert scored == [loop.CURVE_IMAGES, loop.CURVE_IMAGES, loop.CURVE_IMAGES, n]

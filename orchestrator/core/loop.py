@@ -131,6 +131,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config.epochs)
         self.guide_images: torch.Tensor | None = None  # the cell's guide set (attach_guide), for guide_mix
         self.guide_labels: torch.Tensor | None = None
+        # Optimizer steps taken so far, and the last score with the step count and split it
+        # was taken at: a student that no step changed (a warm-up epoch: synthesis only,
+        # with the student in eval mode) is not scored again on the same split.
+        self.updates = 0
+        self.last_score: tuple[int, ImageSet, float] | None = None
 
     def attach_guide(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         """The cell's guide set (float [0, 1] images, labels): what `guide_mix` mixes in."""
@@ -199,6 +204,7 @@ class Trainer:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             terms["loss"].backward(inputs=[*params, *also])
         self.optimizer.step()
+        self.updates += 1
         return terms
 
     def end_epoch(self) -> float:
@@ -206,7 +212,12 @@ class Trainer:
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         last = self.scheduler.last_epoch >= self.config.epochs  # counts resumed epochs too
-        return evaluate(self.student, self.eval_set if last else self.curve_set, self.device)
+        split = self.eval_set if last else self.curve_set
+        if self.last_score is not None and self.last_score[0] == self.updates and self.last_score[1] is split:
+            return self.last_score[2]  # unchanged student, same images: the same number
+        accuracy = evaluate(self.student, split, self.device)
+        self.last_score = (self.updates, split, accuracy)
+        return accuracy
 
     def state_dict(self) -> dict:
         state = {"student": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -220,6 +231,7 @@ class Trainer:
         self.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.last_score = None  # new weights
         if self.objective.uses_features:
             self.objective.load_state(state["objective"])
 
