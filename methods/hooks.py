@@ -22,6 +22,23 @@ import torch.nn as nn
 from .losses import bn_loss
 
 
+def channel_moments(x: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance (the normalisation a BN layer applies in
+    training mode) of `x` (N, C, H, W) over N, H and W, from the sums of d = x - shift and
+    of d * d: one pass, where `var` makes two. `shift` is a per-channel value near the mean
+    (a BN layer's running mean), so E[d^2] - E[d]^2 does not cancel: mean 5 and std 0.1 keep
+    a relative error of 4e-7, against 6e-4 unshifted. A channels_last tensor is summed as
+    its (N*H*W, C) view, which this CPU reduces about 2x faster than dims (0, 2, 3)
+    (docs/results/speed.md)."""
+    channels = x.shape[1]
+    if x.is_contiguous(memory_format=torch.channels_last):
+        d, dims = x.permute(0, 2, 3, 1).reshape(-1, channels) - shift, (0,)
+    else:
+        d, dims = x - shift.view(1, -1, 1, 1), (0, 2, 3)
+    mean_d = d.mean(dims)
+    return mean_d + shift, (d * d).mean(dims) - mean_d * mean_d
+
+
 class BatchNormStatsHook:
     """Records, for the last forward through one BatchNorm2d, the distance of the batch
     statistics of its input (the first `owner.first` images) to the layer's running
@@ -44,10 +61,7 @@ class BatchNormStatsHook:
         self.instance_mean = x.mean(dim=(2, 3)) if owner.want_features else None
         if owner.want_stats:
             view = x if owner.first is None else x[:owner.first]
-            # The batch mean is the mean of the instance means when those are computed anyway.
-            mean = self.instance_mean[:len(view)].mean(0) if self.instance_mean is not None else view.mean(dim=(0, 2, 3))
-            # Biased variance: the normalisation a BN layer applies in training mode.
-            var = view.var(dim=(0, 2, 3), unbiased=False)
+            mean, var = channel_moments(view, module.running_mean)
             self.last = (mean.detach(), var.detach())
             if self.momentum is not None:  # Fast-DFKD: statistics averaged over the batches so far
                 rate = owner.momentum_rate

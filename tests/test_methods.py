@@ -30,7 +30,7 @@ from methods import (
 from methods import augment, losses
 from methods.cmi import contrastive_loss
 from methods.crd import CRD_WEIGHT, EmbeddingQueue, KDObjective, crd_loss
-from methods.hooks import BatchNormHooks
+from methods.hooks import BatchNormHooks, channel_moments
 from models import create_model
 
 METHODS = list_methods()  # every registered method: a new one is tested with no edit here
@@ -301,6 +301,25 @@ def test_hooks_compute_only_what_is_read_and_split_views(teacher):
     with BatchNormHooks(teacher, stats=False) as features_only, torch.no_grad():
         teacher(x)
         assert all(h.r_feature is None for h in features_only) and features_only.features().shape[0] == 8
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("centre", [0.0, 5.0])  # 5: a mean 50 stds away, where E[x^2] - E[x]^2 would cancel
+def test_channel_moments_match_mean_and_var_and_their_gradients(layout, centre):
+    """The one-pass statistics of the BN hooks equal `mean` and biased `var` over (N, H, W),
+    values and gradients, to 1e-5, in either memory layout."""
+    torch.manual_seed(0)
+    x = (centre + 0.1 * torch.randn(6, 5, 7, 7)).contiguous(memory_format=layout).requires_grad_(True)
+    shift = x.detach().mean(dim=(0, 2, 3)) + 0.01 * torch.randn(5)  # a running mean near the batch's
+    weights = torch.randn(2, 5)
+    mean, var = channel_moments(x, shift)
+    grad, = torch.autograd.grad((weights[0] * mean).sum() + (weights[1] * var).sum(), x)
+    x64 = x.detach().double().requires_grad_(True)
+    ref_mean, ref_var = x64.mean(dim=(0, 2, 3)), x64.var(dim=(0, 2, 3), unbiased=False)
+    ref_grad, = torch.autograd.grad((weights[0] * ref_mean).sum() + (weights[1] * ref_var).sum(), x64)
+    assert torch.allclose(mean.double(), ref_mean, rtol=1e-5, atol=0)
+    assert torch.allclose(var.double(), ref_var, rtol=1e-5, atol=0)
+    assert torch.allclose(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
 
 
 def test_cmi_contrastive_loss_prefers_true_pairs(teacher, student):
