@@ -10,6 +10,7 @@ normalises with nn.BatchNorm2d (the DFKD methods hook those layers). Plain PyTor
 only: nothing here imports ray or mlflow.
 """
 
+from .fold import fold_batchnorm
 from .registry import (
     UnknownModelError,
     create_generator,
@@ -27,6 +28,7 @@ __all__ = [
     "UnknownModelError",
     "create_generator",
     "create_model",
+    "fold_batchnorm",
     "list_generators",
     "list_models",
     "register_generator",

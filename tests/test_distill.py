@@ -1,4 +1,5 @@
 """The distillation loop and the distill CLI, end to end on tiny real-format data."""
+import copy
 import json
 import math
 import subprocess
@@ -275,3 +276,42 @@ def test_an_unchanged_student_is_not_scored_again(monkeypatch):
     last = trainer.end_epoch()  # no step since, but the whole split
     assert warm == [1.0, 1.0] and after_kd == 2.0 and resumed == 3.0 and last == 4.0
     assert scored == [loop.CURVE_IMAGES, loop.CURVE_IMAGES, loop.CURVE_IMAGES, n]
+
+
+def test_kd_targets_come_from_the_folded_teacher_with_the_plain_teachers_step():
+    """The KD step reads its targets from the teacher's BN-folded copy (fewer BatchNorms,
+    models/fold.py), and one step moves the student as a step on the plain teacher's
+    targets does, to float rounding."""
+    from types import SimpleNamespace
+
+    import torch.nn as nn
+
+    from benchmarks.datasets import ImageSet, get_dataset_spec
+    from methods.losses import kd_loss
+    from models import create_model
+    from orchestrator.core import loop
+
+    torch.manual_seed(0)
+    teacher = create_model("wrn16_1", num_classes=10, in_channels=1)
+    for m in teacher.modules():  # statistics a fold that ignored them would get wrong
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    student = create_model("resnet8", num_classes=10, in_channels=1)
+    reference = copy.deepcopy(student)
+    data = ImageSet(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.arange(4), get_dataset_spec("mnist"), "memory")
+    cfg = SimpleNamespace(lr=0.1, epochs=1, kd_criterion="kl", T=4.0, kd_steps=1, batch_size=16, guide_mix=0.0)
+    trainer = loop.Trainer(teacher, student, cfg, data, SPEC8)
+    count = lambda net: sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # noqa: E731
+    assert count(trainer.kd_teacher) < count(teacher)
+    images = torch.rand(16, 1, 8, 8)
+    trainer.kd_steps(lambda b: images)
+    # The same step by hand, on the plain eval-mode teacher.
+    x = SPEC8.normalize(images)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    with torch.no_grad():
+        target = teacher.eval()(x)
+    kd_loss("kl", reference.train()(x), target, 4.0).backward()
+    opt.step()
+    for ours, theirs in zip(trainer.student.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

@@ -12,6 +12,7 @@ from models import (
     UnknownModelError,
     create_generator,
     create_model,
+    fold_batchnorm,
     list_generators,
     list_models,
 )
@@ -96,6 +97,57 @@ def test_parameter_counts_match_literature(name, num_classes):
 def test_every_classifier_uses_batchnorm2d(name):
     model = create_model(name, num_classes=10)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+def _trained_looking(model: nn.Module) -> nn.Module:
+    """Random BN statistics and affine weights, so a fold that ignored any of them would show."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT_MODELS))
+def test_folded_copy_matches_the_eval_model(name):
+    # The inference copy a KD step's teacher and an evaluation use: outputs, features and a
+    # gradient to the input as the eval-mode model's, with fewer BatchNorms, and the model
+    # itself untouched (still training, every BN in place).
+    model = _trained_looking(create_model(name, num_classes=10, in_channels=3, image_size=32)).to(
+        memory_format=torch.channels_last)
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    folded = fold_batchnorm(model)
+    assert model.training and sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bns
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules()) < bns
+    assert not folded.training and not any(p.requires_grad for p in folded.parameters())
+    model.eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        logits, feats = model(x, return_features=True)
+        f_logits, f_feats = folded(x, return_features=True)
+    scale = logits.abs().max()
+    torch.testing.assert_close(f_logits / scale, logits / scale, rtol=0, atol=1e-5)
+    torch.testing.assert_close(f_feats / feats.abs().max(), feats / feats.abs().max(), rtol=0, atol=1e-5)
+    # The gradient in float64, folded from float64 weights: random BN statistics make deep
+    # nets' float32 gradients differ by 1e-3 between two plain runs already.
+    model = model.double()
+    grads = []
+    for net in (model, fold_batchnorm(model)):
+        xi = x.double().requires_grad_(True)
+        (net(xi) * torch.linspace(-1, 1, 10, dtype=torch.float64)).sum().backward(inputs=[xi])
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-9 * grads[0].abs().max().item())
+
+
+def test_folding_keeps_a_batchnorm_whose_input_is_read_elsewhere():
+    # A pre-activation block's first BN follows a residual sum, not a conv: it must stay.
+    model = create_model("wrn16_1", num_classes=10).eval()
+    folded = fold_batchnorm(model)
+    blocks = [m for m in folded.modules() if type(m).__name__ == "WideBlock"]
+    assert blocks and all(isinstance(b.bn1, nn.BatchNorm2d) and isinstance(b.bn2, nn.Identity) for b in blocks)
 
 
 def test_features_feed_the_head():

@@ -1,5 +1,7 @@
 """The speed benchmarks refuse bad input with one line and exit 2 (their figures are
 measured by running them, never in tests: docs/results/speed.md)."""
+import re
+
 import pytest
 
 from orchestrator.perf import cell_anatomy, step
@@ -26,11 +28,14 @@ def test_eval_speed_scores_the_whole_split_per_batch_size(tiny_mnist, capsys):
     from orchestrator.perf import eval_speed
 
     assert eval_speed.main(["--arch", "resnet8", "--dataset", "mnist", "--data-root", str(tiny_mnist / "data"),
-                            "--threads", "1", "--batches", "32,16"]) == 0
+                            "--threads", "1", "--batches", "32,16", "--rounds", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"resnet8 on 64 images from {tiny_mnist / 'data' / 'mnist'}")
-    assert [line.split(":")[0] for line in lines[1:]] == ["batch    32", "batch    16"]
+    assert [line.split(":")[0] for line in lines[1:3]] == ["batch    32", "batch    16"]
     assert lines[1].endswith("1.00x")
+    # Then the plain model against its BN-folded copy: the same accuracy on the same images.
+    plain, folded = re.findall(r"\(([\d.]+)%\)", lines[3])
+    assert lines[3].startswith("batch    16, median of 1: plain") and plain == folded
 
 
 @pytest.mark.parametrize("extra,needle", [(["--batches", "x"], "comma list"), (["--arch", "nosuch"], "unknown model")])

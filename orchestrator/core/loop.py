@@ -44,6 +44,7 @@ from benchmarks.datasets import ImageSet
 from methods import ConfigError, KDObjective, place
 from methods.config import same_identity
 from methods.guided import draw_guide
+from models import fold_batchnorm
 from orchestrator.core.training import evaluate
 
 
@@ -120,6 +121,10 @@ class Trainer:
     def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, config, eval_set: ImageSet,
                  image_spec, device="cpu"):
         self.teacher, self.student, self.config, self.eval_set = teacher.eval(), place(student, device), config, eval_set
+        # The frozen teacher's KD targets come from a copy with its conv -> BN pairs folded
+        # (models/fold.py): the same outputs to float rounding, about 1.2x faster for a
+        # wrn16_2 teacher here, more for post-activation ResNets, whose every BN folds.
+        self.kd_teacher = fold_batchnorm(self.teacher)
         self.curve_set = curve_subset(eval_set)
         self.device, self.image_spec = device, image_spec
         # The KD criterion; with "+crd" it owns embedding heads (trained by the student's
@@ -168,7 +173,7 @@ class Trainer:
         for _ in range(steps):
             x = self.image_spec.normalize(self.mix_guide(sample(cfg.batch_size)))
             with torch.no_grad():
-                t_out = self.teacher(x, return_features=self.objective.uses_features)
+                t_out = self.kd_teacher(x, return_features=self.objective.uses_features)
             terms = self._update(x, t_out)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().double()
