@@ -18,6 +18,16 @@ def same(a: dict, b: dict) -> bool:
     return all(a[k] == b[k] for k in ("accuracy", "images_synthesized", "status")) and rounded(a) == rounded(b)
 
 
+def largest_difference(a: dict, b: dict) -> str:
+    """The loss term of `b` that moved most from `a`, relative to its size, for a DIFF line."""
+    worst, where = 0.0, ""
+    for term in set(a["losses"]) & set(b["losses"]):
+        for epoch, (x, y) in enumerate(zip(a["losses"][term], b["losses"][term]), 1):
+            if x == x and y == y and abs(x - y) / max(abs(x), 1e-12) > worst:  # NaN (no KD in warm-up) skipped
+                worst, where = abs(x - y) / max(abs(x), 1e-12), f"{term} epoch {epoch}"
+    return f"; largest loss change {worst:.1e} ({where})" if where else ""
+
+
 def main() -> int:
     if len(sys.argv) != 3 or not all(Path(a).is_dir() for a in sys.argv[1:]):
         print("usage: python scripts/compare_histories.py OLD_OUT NEW_OUT  (two history_snapshot.sh folders)",
@@ -33,7 +43,7 @@ def main() -> int:
         ok = same(old[name], new[name])
         different += not ok
         print(f"{'SAME' if ok else 'DIFF'} {name}: accuracy {old[name]['accuracy']}"
-              + ("" if ok else f" -> {new[name]['accuracy']}"))
+              + ("" if ok else f" -> {new[name]['accuracy']}{largest_difference(old[name], new[name])}"))
     print(f"{len(old) - different} same, {different} different")
     return 1 if different else 0
 
