@@ -194,7 +194,14 @@ def test_an_interrupted_search_on_the_head_resumes_without_rerunning_finished_tr
     # reported twice. (Tune's own report count can run one behind here, when Ctrl-C fell
     # between the state write and Tune's checkpoint; ASHA therefore counts epochs, and the
     # trial keeps its own state when it is newer than Tune's, see orchestrator/tune.py.)
-    assert epochs == [1, 2, 3] or epochs == [1, 3]
+    if epochs == [1, 2, 3, 3]:
+        # Ctrl-C fell after Tune's logger wrote epoch 3 and before Tune saved the trial's state
+        # (seen once in many runs): the trial, finding its own state finished, reports it again
+        # so that Tune learns it ended. Re-reported, not re-run: the same timings to the bit.
+        assert {k: results[2][k] for k in ("val_accuracy", "synthesis_seconds", "kd_seconds")} == \
+            {k: results[3][k] for k in ("val_accuracy", "synthesis_seconds", "kd_seconds")}
+    else:
+        assert epochs == [1, 2, 3] or epochs == [1, 3]
     _, parents, children = test_tune.runs(out)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and len(children) == 2
     assert all(c.info.status == "FINISHED" for c in children)
