@@ -136,7 +136,7 @@ def test_synthesize_sample_and_kd_step(name, teacher, student):
     assert same_state(snapshot(student), student_before)
     assert all(p.grad is None for p in [*teacher.parameters(), *student.parameters()])
     assert student.training and not teacher.training
-    assert not any(m._forward_hooks for m in teacher.modules())  # hooks removed
+    assert not any(m._forward_hooks or "forward" in m.__dict__ for m in teacher.modules())  # hooks removed
     # One KD step on the sampled batch, as the loop does it.
     s = copy.deepcopy(student)
     with torch.no_grad():
@@ -263,8 +263,9 @@ def test_cmi_memory_bank_fills(teacher, student):
 
 
 def test_cmi_fused_views_match_the_plain_per_view_computation(teacher, student):
-    """CMI's fast path (one teacher pass over both views, statistics from the global view)
-    gives every loss term and every gradient of the plain two-pass computation, to 1e-5.
+    """CMI's fast path (one teacher pass over both views, statistics from the global view,
+    each BatchNorm and its hook one `ObservedBatchNorm` node) gives every loss term and every
+    gradient of the plain computation (two passes, hooks through autograd), to 1e-5.
     Seeded: the two paths round differently in float32, and through the generator's
     BatchNorm some draws of z and weights amplify that to 4e-5 in a gradient element, so
     without a seed the outcome would depend on which tests ran before."""
@@ -279,7 +280,7 @@ def test_cmi_fused_views_match_the_plain_per_view_computation(teacher, student):
     for fused in (False, True):
         synth.fused_views = fused
         torch.manual_seed(1)  # the same augmentation draws and negatives on both paths
-        with BatchNormHooks(teacher) as hooks:
+        with BatchNormHooks(teacher, fused=fused) as hooks:
             terms, local_feat, global_feat = synth.loss_terms(synth.generator(z), targets, hooks)
             grads = torch.autograd.grad(synth.weighted_total(terms), params)
         results[fused] = (terms, local_feat, global_feat, grads)
@@ -291,6 +292,55 @@ def test_cmi_fused_views_match_the_plain_per_view_computation(teacher, student):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(plain_rest[2], fast_rest[2]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("read", ["stats", "features", "both", "momentum", "trainable"])
+def test_observed_batchnorm_matches_the_plain_hooks_in_every_term_and_gradient(layout, read):
+    """Each BatchNorm with its hook as one autograd node (`ObservedBatchNorm`, the default)
+    against the plain path (the layer, then its statistics through autograd): the output, the
+    BN loss, the instance features and the gradient of the input (and of the BN parameters,
+    when they require it) agree to 1e-5. In float64, with running statistics far from 0 and 1
+    and statistics over the first of two views: in float32 a ReLU input within rounding of
+    zero can take the other side on one path, which moves one gradient element by its whole
+    size (seen once: 2e-8 against -5e-7) without either path being wrong."""
+    torch.manual_seed(3)
+    net = create_model("wrn16_1", 10, in_channels=1, image_size=32).eval().double()
+    net = net.to(memory_format=layout)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.5), m.running_var.uniform_(0.3, 3.0)
+                m.weight.normal_(1, 0.3), m.bias.normal_(0, 0.3)
+    trainable = read == "trainable"
+    for p in net.parameters():
+        p.requires_grad_(trainable)
+    x0 = torch.randn(8, 1, 32, 32, dtype=torch.float64).contiguous(memory_format=layout)
+    stats, features = read != "features", read in ("features", "both", "trainable")
+    results = {}
+    for fused in (False, True):
+        momentum = None
+        if read == "momentum":  # Fast-DFKD's carried statistics (the same on both paths)
+            gen = torch.Generator().manual_seed(5)
+            momentum = [(torch.randn(m.num_features, generator=gen, dtype=torch.float64),
+                         torch.rand(m.num_features, generator=gen, dtype=torch.float64) + 0.5)
+                        for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+        x = x0.clone().requires_grad_(True)
+        with BatchNormHooks(net, stats=stats, features=features, momentum=momentum, momentum_rate=0.9,
+                            fused=fused) as hooks:
+            hooks.views(4)
+            out = net(x)
+            loss = out.square().mean()
+            loss = loss + hooks.bn_loss() if stats else loss
+            if features:
+                feats = hooks.features()
+                loss = loss + (feats * torch.linspace(-1, 1, feats.shape[1], dtype=torch.float64)).sum()
+            inputs = [x, *net.parameters()] if trainable else [x]
+            grads = torch.autograd.grad(loss, inputs)
+            results[fused] = [out, loss, *grads]
+        assert not any("forward" in m.__dict__ for m in net.modules())  # the layers are as they were
+    for name, plain, fast in zip(["output", "loss", "input grad", *["param grad"] * 99], *results.values()):
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item(), msg=name)
 
 
 def test_hooks_compute_only_what_is_read_and_split_views(teacher):
