@@ -25,7 +25,12 @@ def largest_difference(a: dict, b: dict) -> str:
         for epoch, (x, y) in enumerate(zip(a["losses"][term], b["losses"][term]), 1):
             if x == x and y == y and abs(x - y) / max(abs(x), 1e-12) > worst:  # NaN (no KD in warm-up) skipped
                 worst, where = abs(x - y) / max(abs(x), 1e-12), f"{term} epoch {epoch}"
-    return f"; largest loss change {worst:.1e} ({where})" if where else ""
+    first = max((abs(a["losses"][t][0] - b["losses"][t][0]) / max(abs(a["losses"][t][0]), 1e-12)
+                 for t in set(a["losses"]) & set(b["losses"])
+                 if a["losses"][t] and b["losses"][t] and a["losses"][t][0] == a["losses"][t][0]
+                 and b["losses"][t][0] == b["losses"][t][0]), default=0.0)
+    # Epoch 1 shows the rounding itself; later epochs add what training makes of it.
+    return f"; largest loss change {worst:.1e} ({where}), in epoch 1 {first:.1e}" if where else ""
 
 
 def main() -> int:
