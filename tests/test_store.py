@@ -263,11 +263,11 @@ def test_store_bank_feeds_real_synthesizers(store):
         bank.add(torch.zeros(2, 3, 32, 32))
 
 
-def stream_of(tiny_mnist, method: str, **overrides):
+def stream_of(tiny_mnist, method: str, seed: int = 0, **overrides):
     from orchestrator.core.cell import CellKey, CellSpec
     from orchestrator.runtime.driver import Stream
 
-    key = CellKey("mnist", "resnet8", "resnet8", method, 0, "smoke", "paper")
+    key = CellKey("mnist", "resnet8", "resnet8", method, seed, "smoke", "paper")
     return Stream([CellSpec.build(key, overrides, tiny_mnist / "teachers" / "mnist-resnet8.pt",
                                   str(tiny_mnist / "data"))])
 
@@ -296,6 +296,26 @@ def test_streams_reserve_all_their_actors_at_once(ray_local, tiny_mnist, tmp_pat
     assert all(o.history.status == "finished" for o in result), [o.history.status for o in result]
     assert ray.util.placement_group_table() and all(
         pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
+
+
+def test_a_stream_on_kept_actors_has_the_history_it_has_on_new_ones(ray_local, tiny_mnist, tmp_path):
+    """run_streams keeps a finished stream's actors for the next stream of the same shape.
+    The second stream (another method, another seed) runs in the first one's processes and
+    ends with exactly the history it has in processes of its own."""
+    from orchestrator.runtime.driver import run_streams
+
+    kept = [runner_of(stream_of(tiny_mnist, "cmi", 0, epochs=2), tmp_path / "kept"),
+            runner_of(stream_of(tiny_mnist, "deepinv", 1, epochs=2), tmp_path / "kept")]
+    handles = []
+    for runner in kept:  # the actors each stream ran on, noted when its first cell starts
+        runner.on_cell_start = lambda spec, history, r=runner: handles.append(r.strategy.synth._actor_id)
+    first, second = run_streams(kept, max_concurrent=1)
+    (alone,) = run_streams([runner_of(stream_of(tiny_mnist, "deepinv", 1, epochs=2), tmp_path / "alone")], 1)
+    assert handles[0] == handles[1]  # the second stream ran on the first one's synthesizer
+    assert first.history.status == second.history.status == alone.history.status == "finished"
+    assert second.history.accuracy == alone.history.accuracy
+    assert second.history.losses == alone.history.losses
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())
 
 
 def test_a_killed_store_comes_back_from_its_snapshot_and_the_cell_finishes(ray_local, tiny_mnist, tmp_path):

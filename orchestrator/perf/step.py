@@ -7,8 +7,10 @@
 For each method it prints seconds per step, images per second, the FLOPs of one step
 (torch.utils.flop_counter), the achieved GFLOP/s, and the ratio to the floor. The floor is
 the bare forward and backward passes the step cannot avoid, timed in the same run on the
-same tensors: no hooks, no losses, no optimizer, the teacher as it is (a KD step whose
-teacher has its BatchNorms folded, as `Trainer` does, can run below 1.0x of it). The setup is Fashion-MNIST shapes,
+same tensors: no hooks, no losses, no optimizer, the teacher as it is, with PyTorch's own
+BatchNorm. A step can run below 1.0x of it: the KD step's teacher has its BatchNorms folded
+(as `Trainer` does), and in a synthesis step each BatchNorm with its hook is one autograd
+node whose backward makes fewer passes than BatchNorm's own (methods/hooks.py). The setup is Fashion-MNIST shapes,
 wrn16_2 -> wrn16_1, and the batch sizes of the `cpu` budget. Teacher and student are
 randomly initialised: the time of a step does not depend on the weights.
 

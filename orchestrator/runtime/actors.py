@@ -9,10 +9,14 @@ trainers pull from it.
     TrainerActor      one per student: the core `Trainer` (the KD code `distill` runs),
                       fed from the store.
 
-Both are built from the stream's `CellSpec` with the core cell builder, so every process
-gets the same config, teacher, student initialisation and eval set as `distill`. Only
-numpy arrays and small dicts cross process boundaries. Both call `torch.set_num_threads`
-because Ray reuses worker processes.
+Both get their cell in `setup`, built from the stream's `CellSpec` with the core cell
+builder, so every process gets the same config, teacher, student initialisation and eval
+set as `distill`. The driver keeps an actor whose stream finished for the next stream of the
+same shape (runtime/driver.py: `ActorSlots`) and calls `setup` again: its process has torch
+imported and the teacher loaded already. Everything a cell draws is seeded in `setup`
+(`make_student` seeds), so a cell's history does not depend on what the process ran before
+(tested). Only numpy arrays and small dicts cross process boundaries. `setup` calls
+`torch.set_num_threads` because Ray reuses worker processes.
 """
 from __future__ import annotations
 
@@ -43,7 +47,11 @@ def _rng_state() -> torch.Tensor:
 
 @ray.remote
 class SynthesizerActor:
-    def __init__(self, spec: CellSpec, students: list[str], store, device: str = "cpu", threads: int = 1):
+    def setup(self, spec: CellSpec, students: list[str], store, device: str = "cpu",
+              threads: int = 1) -> tuple[bool, bool]:
+        """Takes the cell of a (new) stream; returns whether the method plays against the
+        student and whether its rounds are one-stage."""
+        vars(self).clear()  # the last cell's networks go before this one's are built
         torch.set_num_threads(threads)
         self.spec, self.device = spec, device
         teacher, _ = load_teacher(spec.teacher_ckpt, spec.key.dataset, device)
@@ -54,12 +62,7 @@ class SynthesizerActor:
         self.synth = make_synthesizer(spec, teacher, self.replicas, self.bank, device)
         self.fresh = spec.method.fresh_kd_batches
         self._joint_seconds = 0.0  # begin_joint's, reported by end_joint
-
-    def uses_student(self) -> bool:
-        return bool(self.synth.uses_student)
-
-    def one_stage(self) -> bool:
-        return bool(self.synth.one_stage)
+        return bool(self.synth.uses_student), bool(self.synth.one_stage)
 
     def round(self, student_states: list[dict] | None, feed_kd: bool) -> dict:
         """One synthesis round; a fresh-batch method then pushes the round's KD images."""
@@ -116,7 +119,9 @@ class SynthesizerActor:
 
 @ray.remote
 class TrainerActor:
-    def __init__(self, spec: CellSpec, store, device: str = "cpu", threads: int = 1):
+    def setup(self, spec: CellSpec, store, device: str = "cpu", threads: int = 1) -> None:
+        """Takes the cell of a (new) stream: its student, drawn from the cell's seed."""
+        vars(self).clear()
         torch.set_num_threads(threads)
         self.spec, self.device = spec, device
         self.trainer = make_trainer(spec, make_student(spec), device)

@@ -9,7 +9,10 @@ stream's cell folder every epoch and restored from there when Ray restarts it), 
 (orchestrator/core/loop.py), so per-epoch checkpoints and `--resume` behave the same:
 a stream killed half-way continues from its last finished epoch.
 
-Streams run concurrently in driver threads as cluster resources allow.
+Streams run concurrently in driver threads as cluster resources allow. A stream's placement
+group and its synthesizer and trainer actors outlive it (`ActorSlots`): the next stream of
+the same shape gets them with its new cell, instead of new processes that import torch and
+load the teacher again (seconds per cell on a small machine).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
@@ -89,31 +92,86 @@ class Resources:
         return stream, max(stream // n_students, 1)
 
 
+@dataclass
+class Slot:
+    """A placement group (one bundle per actor: synthesizer first, then trainers) and the
+    synthesizer and trainer actors placed in it, once created."""
+
+    bundles: list[dict]
+    group: object
+    synth: object = None
+    trainers: list = field(default_factory=list)
+
+    def kill_actors(self) -> None:
+        for actor in [self.synth, *self.trainers]:
+            if actor is not None:
+                ray.kill(actor, no_restart=True)
+        self.synth, self.trainers = None, []
+
+    def close(self) -> None:
+        self.kill_actors()
+        remove_placement_group(self.group)
+
+
+class ActorSlots:
+    """The slots of streams that finished, kept for the next stream with the same bundles
+    (`run_streams` owns one). A stream that needs another shape closes the idle slots first:
+    their resources may be what its placement group waits for."""
+
+    def __init__(self):
+        self._idle: list[Slot] = []
+        self._lock = threading.Lock()
+        self.reused = 0  # slots handed to a second (third, ...) stream
+
+    def take(self, bundles: list[dict]) -> Slot | None:
+        with self._lock:
+            for i, slot in enumerate(self._idle):
+                if slot.bundles == bundles:
+                    self.reused += 1
+                    return self._idle.pop(i)
+            others, self._idle = self._idle, []
+        for slot in others:
+            slot.close()
+        return None
+
+    def give_back(self, slot: Slot) -> None:
+        with self._lock:
+            self._idle.append(slot)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for slot in idle:
+            slot.close()
+
+
 class RayStrategy(Strategy):
     """The round loop's work on Ray: one store, one synthesizer, one trainer per student,
-    all placed at once in `group`."""
+    the last two in `slot` (created there unless the slot has them from an earlier stream)."""
 
-    def __init__(self, stream: Stream, resources: Resources, device: str, group, store_dir: Path):
+    def __init__(self, stream: Stream, resources: Resources, device: str, slot: Slot, store_dir: Path):
         spec, n = stream.specs[0], len(stream.specs)
         synth_threads, trainer_threads = resources.threads(n)
-        placed = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)}
-                  for i in range(1 + n)]
-        # One store per stream, sized as the method says (each actor is a process that
-        # imports torch: seconds of start-up on a small machine). Seeded, so a stream's
-        # draws repeat; restarted from its snapshot when it dies.
+        # One store per stream, sized as the method says. Seeded, so a stream's draws
+        # repeat; restarted from its snapshot when it dies.
         images, features = spec.method.store_capacity(spec.config)
         self.store = create_store(capacity_images=images, capacity_features=features, seed=spec.key.seed,
                                   snapshot_dir=str(store_dir))
-        self.synth = SynthesizerActor.options(**resources.synth_options(), **placed[0]).remote(
-            spec, stream.students, self.store, device, synth_threads)
-        self.trainers = [TrainerActor.options(**resources.trainer_options(n), **placed[1 + j]).remote(
-            s, self.store, device, trainer_threads) for j, s in enumerate(stream.specs)]
-        self.uses_student, self.one_stage = ray.get([self.synth.uses_student.remote(), self.synth.one_stage.remote()])
+        if slot.synth is None:
+            placed = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                slot.group, placement_group_bundle_index=i)} for i in range(1 + n)]
+            slot.synth = SynthesizerActor.options(**resources.synth_options(), **placed[0]).remote()
+            slot.trainers = [TrainerActor.options(**resources.trainer_options(n), **placed[1 + j]).remote()
+                             for j in range(n)]
+        self.synth, self.trainers = slot.synth, slot.trainers
+        try:
+            (self.uses_student, self.one_stage), *_ = ray.get(
+                [self.synth.setup.remote(spec, stream.students, self.store, device, synth_threads),
+                 *[t.setup.remote(s, self.store, device, trainer_threads) for t, s in zip(self.trainers, stream.specs)]])
+        except BaseException:
+            ray.kill(self.store, no_restart=True)  # the caller never gets this strategy to end it
+            raise
         self.config, self.joint_per_round = spec.config, spec.method.joint_steps(spec.config)
-
-    @property
-    def actors(self) -> list:
-        return [self.store, self.synth, *self.trainers]
 
     def synthesize(self, publish: bool, feed_kd: bool) -> RoundOutput:
         states = ray.get([t.student_state.remote() for t in self.trainers]) if publish else None
@@ -178,8 +236,10 @@ class StreamRunner:
     def cell_dir(self, key: CellKey) -> Path:
         return self.out / "cells" / key.slug
 
-    def run(self, stop: threading.Event | None = None) -> list[CellResult]:
-        """Runs (or continues) the stream; never raises: a failure marks its cells failed."""
+    def run(self, stop: threading.Event | None = None, slots: ActorSlots | None = None) -> list[CellResult]:
+        """Runs (or continues) the stream; never raises: a failure marks its cells failed.
+        With `slots`, takes its actors from there and gives them back when every cell
+        finished; otherwise (or after any failure) they end with the stream."""
         stream, specs = self.stream, self.stream.specs
         home = self.cell_dir(specs[0].key)  # the stream's state and store snapshot live here
         try:
@@ -192,12 +252,13 @@ class StreamRunner:
             (home / "state.pt").unlink(missing_ok=True)
             shutil.rmtree(home / STORE_DIR, ignore_errors=True)
         started = time.perf_counter()
-        loop, group, run_ids, startup = None, None, {}, 0.0
+        loop, slot, run_ids, startup = None, None, {}, 0.0
         try:
-            group = self._reserve(self.resources.bundles(len(specs)), stop)
+            bundles = self.resources.bundles(len(specs))
+            slot = (slots.take(bundles) if slots else None) or self._reserve(bundles, stop, slots)
             failures: dict[int, int] = {}  # epoch -> how often an actor died in it
             while True:
-                self.strategy = RayStrategy(stream, self.resources, self.device, group, home / STORE_DIR)
+                self.strategy = RayStrategy(stream, self.resources, self.device, slot, home / STORE_DIR)
                 loop = RoundLoop(self.strategy, specs[0].config, len(specs), home / "state.pt", self.publish_every)
                 restored = loop.restore()
                 if not run_ids:  # the first start (a restart goes on in the same MLflow runs)
@@ -219,7 +280,8 @@ class StreamRunner:
                         raise
                     self.log(f"stream {stream.describe()}: an actor died in epoch {epoch} "
                              f"({_first_line(exc)}); restarting from the last checkpoint")
-                    self._kill_actors()
+                    self._kill_store()
+                    slot.kill_actors()
         except Exception as exc:  # an actor died, out of memory, MLflow unreachable, interrupted ...
             message = _first_line(exc, last=True)
             if isinstance(exc, InterruptedError):
@@ -234,15 +296,17 @@ class StreamRunner:
         histories = loop.histories if loop else []
         results = [self._record(spec, i, histories, time.perf_counter() - started, run_ids.get(spec.key), startup)
                    for i, spec in enumerate(specs)]
-        self._kill_actors()
-        if group is not None:
-            remove_placement_group(group)
+        self._kill_store()
+        if slot is not None:
+            if slots is not None and histories and all(h.status == "finished" for h in histories):
+                slots.give_back(slot)  # healthy actors, idle: the next stream's
+            else:
+                slot.close()
         return results
 
-    def _kill_actors(self) -> None:
+    def _kill_store(self) -> None:
         if self.strategy is not None:
-            for actor in self.strategy.actors:
-                ray.kill(actor, no_restart=True)
+            ray.kill(self.strategy.store, no_restart=True)
 
     def _record(self, spec: CellSpec, i: int, histories: list, wall: float, run_id, startup: float) -> CellResult:
         history = histories[i] if histories else History(status="failed: the stream did not start")
@@ -258,21 +322,27 @@ class StreamRunner:
         return CellResult(spec.key, history, spec.config_dict(), cell_dir, wall, run_id=run_id,
                           startup_seconds=startup)
 
-    def _reserve(self, bundles: list[dict], stop: threading.Event | None):
+    def _reserve(self, bundles: list[dict], stop: threading.Event | None, slots: ActorSlots | None) -> Slot:
         """Reserves all of a stream's actors at once (a placement group): actors created
         one by one could leave two streams each holding a synthesizer and waiting forever
         for trainer slots on a fragmented cluster. Waits (and says so) while the cluster is
-        busy; a stop request ends the wait."""
+        busy; takes a slot another stream gives back meanwhile (a kept slot holds its
+        resources, so a stream waiting only for a new group would wait forever); a stop
+        request ends the wait."""
         group = placement_group(bundles, strategy="PACK")
-        waited = 0.0
-        while not ray.wait([group.ready()], timeout=5.0)[0]:
-            waited += 5.0
+        waited = 0
+        while not ray.wait([group.ready()], timeout=1.0)[0]:
+            waited += 1
+            kept = slots.take(bundles) if slots is not None else None
+            if kept is not None:
+                remove_placement_group(group)
+                return kept
             if stop is not None and stop.is_set():
                 remove_placement_group(group)
                 raise InterruptedError("bench interrupted")
             if waited % 60 == 0:
-                self.log(f"stream {self.stream.describe()}: waiting {waited:.0f}s for resources {bundles}")
-        return group
+                self.log(f"stream {self.stream.describe()}: waiting {waited}s for resources {bundles}")
+        return Slot(bundles, group)
 
 
 def run_streams(runners: list[StreamRunner], max_concurrent: int, on_done=None, log=print) -> list[CellResult]:
@@ -281,11 +351,12 @@ def run_streams(runners: list[StreamRunner], max_concurrent: int, on_done=None, 
     results: list[CellResult] = []
     lock = threading.Lock()
     stop = threading.Event()
+    slots = ActorSlots()
 
     def one(runner: StreamRunner):
         if stop.is_set():
             return []
-        result = runner.run(stop)
+        result = runner.run(stop, slots)
         with lock:
             results.extend(result)
             for outcome in result if on_done else []:
@@ -303,5 +374,7 @@ def run_streams(runners: list[StreamRunner], max_concurrent: int, on_done=None, 
         stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
+    finally:
+        slots.close()
     pool.shutdown()
     return results
