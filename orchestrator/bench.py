@@ -262,29 +262,40 @@ class BenchRecorder:
 
 
 def prepare_ray(plan: Plan, streams: list, args, log):
-    """Starts or joins Ray when there is work for it, trains missing classifiers (before any
-    MLflow run opens: a teacher that cannot be trained leaves no run behind); returns
-    (ray or None, classifier metadata, (resources, streams at a time, device))."""
+    """Starts or joins Ray when there is work for it, starts the first streams' actors,
+    trains missing classifiers (before any MLflow run opens: a teacher that cannot be
+    trained leaves no run behind); returns (ray or None, classifier metadata, (resources,
+    streams at a time, device), prestarted actor slots or None)."""
     from orchestrator.runtime.cluster import cached_classifiers, plan_resources, start_ray, train_classifiers
+    from orchestrator.runtime.driver import ActorSlots
 
     needed = plan.needed_classifiers([s for st in streams for s in st.specs], args.baselines)
-    metas = cached_classifiers(needed, plan.teacher_dir, log)
-    missing = [n for n in needed if n not in metas]
+    on_disk = all(checkpoint_path(Path(plan.teacher_dir).resolve(), *n).exists() for n in needed)
     # Nothing to run and every classifier cached (a --resume of a finished bench): the
     # tables come from MLflow and the checkpoints alone, so no Ray starts.
-    if not (streams or missing):
-        return None, metas, None
+    if not streams and on_disk:
+        return None, cached_classifiers(needed, plan.teacher_dir, log), None, None
     ray = start_ray(args.address)
     n_max = max((sum(1 for t, _ in plan.pairs[d] if t == teacher) if args.mode == "shared" else 1)
                 for d in plan.datasets for teacher, _ in plan.pairs[d])
     sizing = plan_resources(ray, args.device, args.gpus_per_cell, args.cpus_per_actor, n_max)
+    slots = None
+    if streams and on_disk:
+        # The first streams' actor processes start now (2-4 s: a Python process importing
+        # torch), while this driver checks the teachers and opens the MLflow store; with a
+        # teacher to train they would hold the resources its training needs on a cluster.
+        slots = ActorSlots()
+        slots.prestart(streams, sizing[0], sizing[1])
+    metas = cached_classifiers(needed, plan.teacher_dir, log)
+    missing = [n for n in needed if n not in metas]
     if missing:
         metas.update(train_classifiers(ray, missing, plan.teacher_dir, plan.data_dirs, sizing[2], log,
                                        in_driver=not args.address))
-    return ray, metas, sizing
+    return ray, metas, sizing, slots
 
 
-def run_cells(plan: Plan, streams: list, args, recorder: BenchRecorder, metas: dict, sizing) -> list[CellResult]:
+def run_cells(plan: Plan, streams: list, args, recorder: BenchRecorder, metas: dict, sizing,
+              slots) -> list[CellResult]:
     from orchestrator.runtime.driver import StreamRunner, run_streams
 
     resources, concurrent, device = sizing
@@ -297,7 +308,7 @@ def run_cells(plan: Plan, streams: list, args, recorder: BenchRecorder, metas: d
     runners = [StreamRunner(s, plan.out, resources, device, publish_every=args.publish_every, resume=args.resume,
                             on_cell_start=recorder.cell_started, on_epoch=recorder.epoch, log=recorder.log)
                for s in streams]
-    results = run_streams(runners, concurrent, on_done=done, log=recorder.log)
+    results = run_streams(runners, concurrent, on_done=done, log=recorder.log, slots=slots)
     recorder.bar.close()
     return results
 
@@ -325,7 +336,7 @@ def main(argv=None) -> int:
 def run_bench(plan: Plan, args, streams: list, reused: list, finished: dict, tracker, log):
     """Everything after the plan, under the output folder's lock: Ray, the cells, the
     tables, the MLflow parent run (closed on every way out)."""
-    ray, metas, sizing = prepare_ray(plan, streams, args, log)
+    ray, metas, sizing, slots = prepare_ray(plan, streams, args, log)
     tracker = tracker or Tracker(plan.uri, args.experiment, artifact_root=plan.out / "mlartifacts")
     if args.resume and (closed := tracker.close_abandoned("bench.out", str(plan.out))):
         log(f"marked {closed} run(s) KILLED that a bench which died had left RUNNING")
@@ -333,7 +344,7 @@ def run_bench(plan: Plan, args, streams: list, reused: list, finished: dict, tra
     log(f"MLflow: {plan.uri}" + (f"; {sizing[1]} streams at a time" if sizing else ""))
     started = time.perf_counter()
     try:
-        results = run_cells(plan, streams, args, recorder, metas, sizing) if streams else []
+        results = run_cells(plan, streams, args, recorder, metas, sizing, slots) if streams else []
         paths = bench_tables(plan, results, reused, finished, metas, args.baselines)
         for path in paths.values():
             tracker.log_artifact(recorder.parent, path, "tables")

@@ -299,18 +299,24 @@ def test_streams_reserve_all_their_actors_at_once(ray_local, tiny_mnist, tmp_pat
 
 
 def test_a_stream_on_kept_actors_has_the_history_it_has_on_new_ones(ray_local, tiny_mnist, tmp_path):
-    """run_streams keeps a finished stream's actors for the next stream of the same shape.
-    The second stream (another method, another seed) runs in the first one's processes and
-    ends with exactly the history it has in processes of its own."""
-    from orchestrator.runtime.driver import run_streams
+    """The bench starts the first stream's actors ahead (ActorSlots.prestart), and
+    run_streams keeps a finished stream's actors for the next stream of the same shape.
+    The first stream runs on the prestarted actors; the second (another method, another
+    seed) runs in the first one's processes and ends with exactly the history it has in
+    processes of its own."""
+    from orchestrator.runtime.driver import ActorSlots, run_streams
 
     kept = [runner_of(stream_of(tiny_mnist, "cmi", 0, epochs=2), tmp_path / "kept"),
             runner_of(stream_of(tiny_mnist, "deepinv", 1, epochs=2), tmp_path / "kept")]
     handles = []
     for runner in kept:  # the actors each stream ran on, noted when its first cell starts
         runner.on_cell_start = lambda spec, history, r=runner: handles.append(r.strategy.synth._actor_id)
-    first, second = run_streams(kept, max_concurrent=1)
+    slots = ActorSlots()
+    slots.prestart([r.stream for r in kept], kept[0].resources, 1)
+    (prestarted,) = [slot.synth._actor_id for slot in slots._idle]
+    first, second = run_streams(kept, max_concurrent=1, slots=slots)
     (alone,) = run_streams([runner_of(stream_of(tiny_mnist, "deepinv", 1, epochs=2), tmp_path / "alone")], 1)
+    assert handles[0] == prestarted  # the first stream ran on the prestarted synthesizer
     assert handles[0] == handles[1]  # the second stream ran on the first one's synthesizer
     assert first.history.status == second.history.status == alone.history.status == "finished"
     assert second.history.accuracy == alone.history.accuracy

@@ -102,6 +102,18 @@ class Slot:
     synth: object = None
     trainers: list = field(default_factory=list)
 
+    def start_actors(self, resources: Resources, n_students: int) -> None:
+        """Creates the synthesizer and trainer actors in this slot's group, if it has none
+        yet. Returns at once: Ray starts their processes (and imports torch there) in the
+        background, and the first call to an actor waits for it."""
+        if self.synth is not None:
+            return
+        placed = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            self.group, placement_group_bundle_index=i)} for i in range(1 + n_students)]
+        self.synth = SynthesizerActor.options(**resources.synth_options(), **placed[0]).remote()
+        self.trainers = [TrainerActor.options(**resources.trainer_options(n_students), **placed[1 + j]).remote()
+                         for j in range(n_students)]
+
     def kill_actors(self) -> None:
         for actor in [self.synth, *self.trainers]:
             if actor is not None:
@@ -134,6 +146,17 @@ class ActorSlots:
             slot.close()
         return None
 
+    def prestart(self, streams: list[Stream], resources: Resources, count: int) -> None:
+        """Reserves the slots of the first `count` streams and starts their actors now, so
+        that their processes start (2-4 s: a Python process importing torch) while the
+        driver does other work, such as opening the MLflow store; the streams then `take`
+        them. Returns at once."""
+        for stream in streams[:count]:
+            bundles = resources.bundles(len(stream.specs))
+            slot = Slot(bundles, placement_group(bundles, strategy="PACK"))
+            slot.start_actors(resources, len(stream.specs))
+            self.give_back(slot)
+
     def give_back(self, slot: Slot) -> None:
         with self._lock:
             self._idle.append(slot)
@@ -157,12 +180,7 @@ class RayStrategy(Strategy):
         images, features = spec.method.store_capacity(spec.config)
         self.store = create_store(capacity_images=images, capacity_features=features, seed=spec.key.seed,
                                   snapshot_dir=str(store_dir))
-        if slot.synth is None:
-            placed = [{"scheduling_strategy": PlacementGroupSchedulingStrategy(
-                slot.group, placement_group_bundle_index=i)} for i in range(1 + n)]
-            slot.synth = SynthesizerActor.options(**resources.synth_options(), **placed[0]).remote()
-            slot.trainers = [TrainerActor.options(**resources.trainer_options(n), **placed[1 + j]).remote()
-                             for j in range(n)]
+        slot.start_actors(resources, n)
         self.synth, self.trainers = slot.synth, slot.trainers
         try:
             (self.uses_student, self.one_stage), *_ = ray.get(
@@ -345,13 +363,15 @@ class StreamRunner:
         return Slot(bundles, group)
 
 
-def run_streams(runners: list[StreamRunner], max_concurrent: int, on_done=None, log=print) -> list[CellResult]:
+def run_streams(runners: list[StreamRunner], max_concurrent: int, on_done=None, log=print,
+                slots: ActorSlots | None = None) -> list[CellResult]:
     """Runs streams in driver threads, at most `max_concurrent` at a time. Ctrl-C stops
-    the streams in flight at their next round and cancels the queued ones."""
+    the streams in flight at their next round and cancels the queued ones. `slots`: kept
+    (or prestarted) actors to use; closed at the end either way."""
     results: list[CellResult] = []
     lock = threading.Lock()
     stop = threading.Event()
-    slots = ActorSlots()
+    slots = slots if slots is not None else ActorSlots()
 
     def one(runner: StreamRunner):
         if stop.is_set():
