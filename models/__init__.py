@@ -11,6 +11,7 @@ only: nothing here imports ray or mlflow.
 """
 
 from .fold import fold_batchnorm
+from .fuse import inference_copy
 from .registry import (
     UnknownModelError,
     create_generator,
@@ -29,6 +30,7 @@ __all__ = [
     "create_generator",
     "create_model",
     "fold_batchnorm",
+    "inference_copy",
     "list_generators",
     "list_models",
     "register_generator",

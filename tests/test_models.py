@@ -13,6 +13,7 @@ from models import (
     create_generator,
     create_model,
     fold_batchnorm,
+    inference_copy,
     list_generators,
     list_models,
 )
@@ -140,6 +141,33 @@ def test_folded_copy_matches_the_eval_model(name):
         (net(xi) * torch.linspace(-1, 1, 10, dtype=torch.float64)).sum().backward(inputs=[xi])
         grads.append(xi.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-9 * grads[0].abs().max().item())
+
+
+@pytest.mark.parametrize("name", sorted(list_models()))
+def test_inference_copy_equals_the_folded_copy_bit_for_bit(name):
+    # The copy evaluate and the KD teacher use: the folded copy's graph with ReLUs and
+    # residual adds fused into the convolutions. The fused kernels compute the same sums in
+    # the same order, so logits and features are equal to the bit, not merely close; a
+    # pass that needs a gradient to its input runs the plain ops and gets the same gradient.
+    from models.fuse import POINTWISE, fused_count
+
+    model = _trained_looking(create_model(name, num_classes=10, in_channels=3, image_size=32)).to(
+        memory_format=torch.channels_last)
+    folded, fast = fold_batchnorm(model), inference_copy(model)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.inference_mode():
+        for features in (False, True):
+            expected, got = folded(x, return_features=features), fast(x, return_features=features)
+            for e, g in zip(expected if features else [expected], got if features else [got]):
+                assert torch.equal(g, e)
+    if POINTWISE is not None:  # a PyTorch with oneDNN: every registered model has something to fuse
+        assert fused_count(fast) > 0
+    grads = []
+    for net in (folded, fast):
+        xi = x.clone().requires_grad_(True)
+        (net(xi) * torch.linspace(-1, 1, 10)).sum().backward(inputs=[xi])
+        grads.append(xi.grad)
+    assert torch.equal(grads[1], grads[0])
 
 
 def test_folding_keeps_a_batchnorm_whose_input_is_read_elsewhere():

@@ -44,7 +44,7 @@ from benchmarks.datasets import ImageSet
 from methods import ConfigError, KDObjective, place
 from methods.config import same_identity
 from methods.guided import draw_guide
-from models import fold_batchnorm
+from models import inference_copy
 from orchestrator.core.training import evaluate
 
 
@@ -121,10 +121,11 @@ class Trainer:
     def __init__(self, teacher: torch.nn.Module, student: torch.nn.Module, config, eval_set: ImageSet,
                  image_spec, device="cpu"):
         self.teacher, self.student, self.config, self.eval_set = teacher.eval(), place(student, device), config, eval_set
-        # The frozen teacher's KD targets come from a copy with its conv -> BN pairs folded
-        # (models/fold.py): the same outputs to float rounding, about 1.2x faster for a
-        # wrn16_2 teacher here, more for post-activation ResNets, whose every BN folds.
-        self.kd_teacher = fold_batchnorm(self.teacher)
+        # The frozen teacher's KD targets come from its inference copy (models/fuse.py): conv ->
+        # BN pairs folded (the same outputs to float rounding, about 1.2x faster for a wrn16_2
+        # teacher here, more for post-activation ResNets, whose every BN folds), and on a CPU
+        # each ReLU and residual add done inside the convolution before it (bit for bit).
+        self.kd_teacher = inference_copy(self.teacher)
         self.curve_set = curve_subset(eval_set)
         self.device, self.image_spec = device, image_spec
         # The KD criterion; with "+crd" it owns embedding heads (trained by the student's

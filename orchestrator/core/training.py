@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from benchmarks.datasets import ImageSet
 from methods import place
-from models import fold_batchnorm
+from models import inference_copy
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -28,13 +28,14 @@ def evaluate(model: torch.nn.Module, data: ImageSet, device="cpu", batch_size: i
 
     Batches of 128 on a CPU: activations that stay in cache make a wrn16_1 pass 2.2x faster
     than batches of 1000 on this machine's two cores (docs/results/speed.md); a GPU wants
-    large batches. `fold`: score an eval copy with each conv -> BN pair folded into one
-    convolution (models/fold.py), the same outputs to float rounding, one pass fewer per
-    pair; the copy costs milliseconds."""
+    large batches. `fold`: score the inference copy (models/fuse.py): each conv -> BN pair
+    folded into one convolution (the same outputs to float rounding, one pass fewer per
+    pair) and, on a CPU, ReLUs and residual adds done inside the convolutions (bit for
+    bit); the copy costs milliseconds."""
     batch_size = batch_size or (1000 if str(device).startswith("cuda") else 128)
     was_training = model.training
     model.eval()
-    net = fold_batchnorm(model) if fold else model
+    net = inference_copy(model) if fold else model
     correct = 0
     for x, y in data.batches(batch_size, device=device):
         x = resize(x, size)

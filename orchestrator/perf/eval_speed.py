@@ -2,13 +2,13 @@
 
     python -m orchestrator.perf.eval_speed                      # wrn16_1, fashion-mnist, 2 threads, batches 1000 128 64
     python -m orchestrator.perf.eval_speed --arch wrn16_2 --batches 256,128
-    python -m orchestrator.perf.eval_speed --batches 128 --rounds 5    # folded BN against plain, alternating
+    python -m orchestrator.perf.eval_speed --batches 128 --rounds 5    # plain, folded, inference copy, alternating
 
 Times `orchestrator.core.training.evaluate` (inference mode, channels_last weights as in
 training) on the whole split, after one warm-up pass per batch size, and prints seconds,
 images/s and the speed-up over the first batch size; then, at the last batch size, the
-plain model (`fold=False`) against the BN-folded copy evaluate scores by default
-(models/fold.py), in alternating rounds, with both accuracies. The weights are random: the time of a
+plain model (`fold=False`), the BN-folded copy (models/fold.py) and the inference copy
+evaluate scores by default (models/fuse.py), in alternating rounds, with their accuracies. The weights are random: the time of a
 pass does not depend on them.
 """
 from __future__ import annotations
@@ -57,16 +57,24 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - tick
         first = first or seconds
         print(f"batch {batch:5d}: {seconds:6.2f} s  {len(test) / seconds:7.0f} img/s  {first / seconds:4.2f}x")
-    times: dict[bool, list[float]] = {False: [], True: []}
+    # The three ways to score, each timed with the making of its copy: the model as it is,
+    # the BN-folded copy (models/fold.py), the inference copy evaluate uses (models/fuse.py).
+    from models import fold_batchnorm
+    ways = {"plain": lambda: evaluate(model, test, batch_size=batches[-1], fold=False),
+            "folded": lambda: evaluate(fold_batchnorm(model), test, batch_size=batches[-1], fold=False),
+            "inference copy": lambda: evaluate(model, test, batch_size=batches[-1])}
+    times: dict[str, list[float]] = {name: [] for name in ways}
     accuracy = {}
     for _ in range(args.rounds):
-        for fold in (False, True):
+        for name, way in ways.items():
             tick = time.perf_counter()
-            accuracy[fold] = evaluate(model, test, batch_size=batches[-1], fold=fold)
-            times[fold].append(time.perf_counter() - tick)
-    plain, folded = statistics.median(times[False]), statistics.median(times[True])
-    print(f"batch {batches[-1]:5d}, median of {args.rounds}: plain {plain:.2f} s ({accuracy[False]:.2f}%), "
-          f"folded {folded:.2f} s ({accuracy[True]:.2f}%): {plain / folded:.2f}x")
+            accuracy[name] = way()
+            times[name].append(time.perf_counter() - tick)
+    plain = statistics.median(times["plain"])
+    print(f"batch {batches[-1]:5d}, median of {args.rounds} alternating rounds:")
+    for name in ways:
+        seconds = statistics.median(times[name])
+        print(f"  {name:15s} {seconds:.2f} s ({accuracy[name]:.2f}%): {plain / seconds:.2f}x")
     return 0
 
 

@@ -60,10 +60,13 @@ def synth_seconds(method, steps):
     synth.synthesize()
     return (time.perf_counter() - tick) / steps
 
-try:  # a tree whose Trainer takes KD targets from the BN-folded teacher (models/fold.py)
-    from models import fold_batchnorm as kd_teacher
-except ImportError:  # older trees ran the teacher as it is
-    kd_teacher = lambda teacher: teacher
+try:  # a tree whose Trainer takes KD targets from the inference copy (models/fuse.py)
+    from models import inference_copy as kd_teacher
+except ImportError:
+    try:  # from the BN-folded teacher (models/fold.py)
+        from models import fold_batchnorm as kd_teacher
+    except ImportError:  # older trees ran the teacher as it is
+        kd_teacher = lambda teacher: teacher
 
 def kd_seconds(steps):
     spec, teacher, student, cfg = build("kd", steps)
