@@ -33,9 +33,12 @@ def test_eval_speed_scores_the_whole_split_per_batch_size(tiny_mnist, capsys):
     assert lines[0].startswith(f"resnet8 on 64 images from {tiny_mnist / 'data' / 'mnist'}")
     assert [line.split(":")[0] for line in lines[1:3]] == ["batch    32", "batch    16"]
     assert lines[1].endswith("1.00x")
-    # Then the plain model against its BN-folded copy: the same accuracy on the same images.
-    plain, folded = re.findall(r"\(([\d.]+)%\)", lines[3])
-    assert lines[3].startswith("batch    16, median of 1: plain") and plain == folded
+    # Then the plain model, its BN-folded copy and its inference copy: the same accuracy on
+    # the same images.
+    assert lines[3] == "batch    16, median of 1 alternating rounds:"
+    assert [line.split()[0] for line in lines[4:7]] == ["plain", "folded", "inference"]
+    accuracies = {re.search(r"\(([\d.]+)%\)", line).group(1) for line in lines[4:7]}
+    assert len(accuracies) == 1
 
 
 @pytest.mark.parametrize("extra,needle", [(["--batches", "x"], "comma list"), (["--arch", "nosuch"], "unknown model")])
