@@ -112,6 +112,23 @@ def test_add_sample_negatives_round_trip(store):
     assert stats["bytes"] == images.nbytes + labels.nbytes + features.nbytes
 
 
+def test_a_rounds_batches_in_one_request_are_the_draws_of_one_request_each(store):
+    # A trainer asks for all of a KD round's batches at once (one wake-up of the store's
+    # process per round): the same images, in the same order, as a request per batch.
+    from orchestrator.runtime.store import StoreBank
+
+    images, labels, features = batch(0, 300)
+    ray.get(store.add.remote(images, labels, features))
+    rng = ray.get(store.rng_state.remote())
+    one_by_one = [ids_of(StoreBank(store).sample(64).numpy()) for _ in range(5)]
+    calls = ray.get(store.stats.remote())["sample_calls"]
+    ray.get(store.set_rng_state.remote(rng))
+    at_once = [ids_of(b.numpy()) for b in StoreBank(store).sample_batches(64, 5)]
+    assert len(at_once) == 5 and all(len(b) == 64 for b in at_once)
+    assert all(np.array_equal(a, b) for a, b in zip(one_by_one, at_once))
+    assert ray.get(store.stats.remote())["sample_calls"] == calls + 5  # counted per batch either way
+
+
 def test_errors_cross_the_boundary_clearly(store):
     with pytest.raises(RuntimeError, match="empty"):
         ray.get(store.sample.remote(4))
