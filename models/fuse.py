@@ -31,13 +31,23 @@ from .fold import fold_batchnorm
 
 
 def _pointwise_ops():
+    """The fused kernels, if this PyTorch has them and they answer as expected: the op is
+    internal to PyTorch, so one tiny call checks its signature and result before any use."""
     try:
-        if torch.backends.mkldnn.is_available():
-            op = torch.ops.mkldnn._convolution_pointwise
-            return op.default, op.binary
-    except (AttributeError, RuntimeError):  # a PyTorch without the oneDNN post-op kernels
-        pass
-    return None
+        if not torch.backends.mkldnn.is_available():
+            return None
+        op = torch.ops.mkldnn._convolution_pointwise
+        x, other = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
+        w, b = torch.randn(2, 2, 1, 1), torch.randn(2)
+        args = ([0, 0], [1, 1], [1, 1], 1)
+        plain = F.conv2d(x, w, b)
+        with torch.no_grad():
+            ok = (torch.allclose(op.default(x, w, b, *args, "relu", [], ""), F.relu(plain), atol=1e-5)
+                  and torch.allclose(op.binary(x, other, w, b, *args, "add", None, "relu", [], None),
+                                     F.relu(plain + other), atol=1e-5))
+        return (op.default, op.binary) if ok else None
+    except Exception:  # noqa: BLE001  (missing, renamed or changed: fall back to the plain ops)
+        return None
 
 
 POINTWISE = _pointwise_ops()

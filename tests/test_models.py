@@ -170,6 +170,21 @@ def test_inference_copy_equals_the_folded_copy_bit_for_bit(name):
     assert torch.equal(grads[1], grads[0])
 
 
+def test_inference_copy_without_the_fused_kernels_runs_the_plain_ops(monkeypatch):
+    # A PyTorch without oneDNN's post-op kernels (or with a changed signature: models/fuse.py
+    # checks them once) gets a copy whose nodes run the plain convolution, add and ReLU.
+    import models.fuse as fuse
+
+    monkeypatch.setattr(fuse, "POINTWISE", None)
+    for name in ("wrn16_1", "resnet8"):
+        model = _trained_looking(create_model(name, num_classes=10)).to(memory_format=torch.channels_last)
+        folded, fast = fold_batchnorm(model), fuse.InferenceCopy(fold_batchnorm(model))
+        x = torch.rand(4, 3, 32, 32)
+        with torch.inference_mode():
+            assert torch.equal(fast(x), folded(x))
+        assert fuse.fused_count(fast) > 0  # the graph has fused nodes, running their plain path
+
+
 def test_folding_keeps_a_batchnorm_whose_input_is_read_elsewhere():
     # A pre-activation block's first BN follows a residual sum, not a conv: it must stay.
     model = create_model("wrn16_1", num_classes=10).eval()
