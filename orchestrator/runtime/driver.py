@@ -133,13 +133,11 @@ class ActorSlots:
     def __init__(self):
         self._idle: list[Slot] = []
         self._lock = threading.Lock()
-        self.reused = 0  # slots handed to a second (third, ...) stream
 
     def take(self, bundles: list[dict]) -> Slot | None:
         with self._lock:
             for i, slot in enumerate(self._idle):
                 if slot.bundles == bundles:
-                    self.reused += 1
                     return self._idle.pop(i)
             others, self._idle = self._idle, []
         for slot in others:
