@@ -103,20 +103,32 @@ class InferenceCopy(nn.Module):
     def forward(self, x: torch.Tensor, return_features: bool = False):
         key = "features" if return_features else "logits"
         if key not in self.graphs:
-            self.graphs[key] = fuse_activations(self.folded, return_features)
+            try:
+                self.graphs[key] = fuse_activations(self.folded, return_features)
+            except Exception:  # noqa: BLE001  (data-dependent control flow: run the folded copy)
+                self.graphs[key] = _Plain(self.folded)
         graph = self.graphs[key]
         # A traced graph keeps the argument and checks that it has the traced value.
         return graph(x, return_features) if _concrete(self.folded, return_features) else graph(x)
 
 
+class _Plain(nn.Module):
+    """The folded copy itself, for a forward that cannot be traced."""
+
+    def __init__(self, folded: nn.Module):
+        super().__init__()
+        self.__dict__["folded"] = folded  # not a submodule: InferenceCopy owns it already
+
+    def forward(self, *args):
+        return self.folded(*args)
+
+
 def inference_copy(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` for passes that read only outputs and features: BNs
-    folded, convolution post-ops fused (see module docstring). The folded copy itself if the
-    forward cannot be traced; `model` is untouched."""
+    folded, convolution post-ops fused (see module docstring); a forward that cannot be
+    traced runs the folded copy. `model` is untouched."""
     folded = fold_batchnorm(model)
-    if POINTWISE is None or not _traceable(folded):
-        return folded
-    return InferenceCopy(folded)
+    return folded if POINTWISE is None else InferenceCopy(folded)
 
 
 def fused_count(copy: nn.Module) -> int:
@@ -127,14 +139,6 @@ def fused_count(copy: nn.Module) -> int:
 def _concrete(model: nn.Module, return_features: bool) -> dict | None:
     params = inspect.signature(model.forward).parameters
     return {"return_features": return_features} if "return_features" in params else None
-
-
-def _traceable(model: nn.Module) -> bool:
-    try:
-        fx.symbolic_trace(model, concrete_args=_concrete(model, False))
-        return True
-    except Exception:  # noqa: BLE001  (data-dependent control flow: keep the plain module)
-        return False
 
 
 def _is_relu(node: fx.Node, modules: dict) -> bool:
