@@ -3,6 +3,7 @@ measured by running them, never in tests: docs/results/speed.md)."""
 import re
 
 import pytest
+import torch
 
 from orchestrator.perf import cell_anatomy, step
 
@@ -76,3 +77,26 @@ def test_chunking_bad_input_is_one_line_and_exit_2(capsys, extra):
         run_cli(chunking.main, extra)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.startswith("error:") and "Traceback" not in err
+
+
+def test_flop_count_sees_the_inference_copys_fused_convolutions():
+    """perf.step's GFLOP columns: the KD teacher runs as the inference copy, whose fused
+    convolutions the flop counter does not know unless perf.step teaches it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models import create_model, inference_copy
+    from models.fuse import POINTWISE, fused_count
+
+    model = create_model("wrn16_1", 10, in_channels=1, image_size=32).eval()
+    fast = inference_copy(model)
+    x = torch.rand(2, 1, 32, 32)
+
+    def flops(net):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(x)
+        return counter.get_total_flops()
+
+    step.count_fused_convolutions()
+    step.count_fused_convolutions()  # a second call (a second benchmark row) registers nothing twice
+    assert flops(fast) == flops(model) > 0
+    assert POINTWISE is None or fused_count(fast) > 0  # traced on the first call: fused convs were counted

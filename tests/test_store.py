@@ -218,6 +218,43 @@ def test_killed_store_restarts_with_exactly_what_was_snapshotted(ray_local, tmp_
     assert ray.get(store.add.remote(*batch(60, 20))) == 80  # and it goes on working
 
 
+def test_a_numbered_add_is_applied_once_however_often_it_arrives(ray_local, tmp_path):
+    """Ray re-sends a call to a restarting actor at least once, not exactly once: a
+    repeated add (same writer, same number) changes nothing, before and after a restart
+    from a snapshot; an add made after the snapshot, lost with the process, is applied
+    when it comes again; and each StoreBank, copies in other processes included, numbers
+    its adds under a name of its own."""
+    import pickle
+
+    store = create_store(snapshot_dir=str(tmp_path))
+    assert ray.get(store.add.remote(*batch(0, 10), token=("w", 1))) == 10
+    assert ray.get(store.add.remote(*batch(0, 10), token=("w", 1))) == 10  # the same add again
+    assert ray.get(store.add.remote(*batch(10, 10), token=("v", 1))) == 20  # another writer's first
+    ray.get(store.snapshot.remote())
+    assert ray.get(store.add.remote(*batch(20, 10), token=("w", 2))) == 30  # after the snapshot
+    ray.kill(store, no_restart=False)
+    deadline = time.monotonic() + 45
+    while True:
+        try:
+            if ray.get(store.stats.remote(), timeout=15)["restored_from"]:
+                break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        assert time.monotonic() < deadline, "the store did not come back within 45 s"
+        time.sleep(0.2)
+    assert ray.get(store.size.remote()) == 20
+    assert ray.get(store.add.remote(*batch(0, 10), token=("w", 1))) == 20  # held in the snapshot
+    assert ray.get(store.add.remote(*batch(20, 10), token=("w", 2))) == 30  # lost with the process
+    assert ray.get(store.add.remote(*batch(20, 10), token=("w", 2))) == 30
+    assert ray.get(store.stats.remote())["repeated_adds"] == 3
+    bank = StoreBank(store)
+    copy = pickle.loads(pickle.dumps(bank))
+    bank.add(torch.from_numpy(batch(30, 10)[0]))
+    copy.add(torch.from_numpy(batch(40, 10)[0]))  # its own name: not taken for bank's first add
+    assert len(bank) == 50
+    ray.kill(store, no_restart=True)
+
+
 # -- StoreBank as the bank of real synthesizers ---------------------------------------
 
 def spec():

@@ -121,11 +121,32 @@ class OtherTree:
         self.proc.wait(timeout=60)
 
 
+def count_fused_convolutions() -> None:
+    """Teaches torch.utils.flop_counter the fused convolution of the inference copy
+    (models/fuse.py), which it does not know: uncounted, a KD step's teacher forward (about
+    half its FLOPs) went missing from the GFLOP and GFLOP/s columns. Its FLOPs are the
+    convolution's; the add and ReLU done inside it are not counted, as for a plain conv."""
+    from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
+
+    from models.fuse import POINTWISE
+
+    if POINTWISE is None or POINTWISE[0].overloadpacket in flop_registry:
+        return
+
+    @register_flop_formula(POINTWISE[0].overloadpacket)
+    def fused_conv_flop(x_shape, *args, out_shape=None, **kwargs) -> int:
+        # default: (x, weight, bias, padding, ...); binary: (x, other, weight, bias, ...)
+        weight = args[0] if len(args) < 12 else args[1]
+        return conv_flop_count(x_shape, weight, out_shape)
+
+
 def floor_seconds(what: str, scope: dict, steps: int) -> tuple[float, float, float]:
     """(seconds per step of the bare passes, FLOPs of one step, FLOPs of the bare passes)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from methods import place
+
+    count_fused_convolutions()
     from models import create_generator
 
     spec, teacher, student, cfg = scope["build"](what, 1)

@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import time
+import uuid
 import warnings
 from collections import deque
 from pathlib import Path
@@ -32,11 +33,18 @@ META_FILE = "store.json"
 FORMAT = "dfkd-synthetic-store/1"
 
 # If the store dies under a call, Ray re-sends it to the restarted actor (which comes back
-# from its last snapshot) instead of failing the synthesizer or the trainer. Reads are
-# idempotent. An `add` in flight when the store died was lost with the process, like every
-# add since the last snapshot, so sending it again adds it once.
-_READ = dict(max_task_retries=3)
-_WRITE = dict(max_task_retries=3)
+# from its last snapshot) instead of failing the synthesizer or the trainer. Ray delivers a
+# re-sent call at least once, not exactly once: an `add` that reaches the actor while it
+# restarts can run there and be sent again (seen on a slower machine: one batch twice in
+# the bank). So each `StoreBank` numbers its adds, and the store applies each number once;
+# the numbers applied are part of the snapshot, so an add lost with the process (made after
+# the snapshot) is applied when it comes again. A repeated read changes nothing held; it
+# only advances the sampling RNG.
+# A call waits for the restart however long it takes (on a slower CPU, three quick retries
+# ran out before the store was back, and the stream fell back to its last checkpoint); a
+# store that keeps dying ends after `create_store`'s `max_restarts`, and its calls fail then.
+_READ = dict(max_task_retries=-1)
+_WRITE = dict(max_task_retries=-1)
 
 
 class SnapshotError(RuntimeError):
@@ -117,6 +125,7 @@ class SyntheticStore:
         self.snapshot_every = int(snapshot_every)
         self._counters = dict(adds=0, images_added=0, sample_calls=0, samples_served=0)
         self._adds_since_snapshot = 0
+        self._applied: dict[str, int] = {}  # writer -> the last add number applied
         self._last_snapshot: str | None = None
         self._last_snapshot_time: float | None = None
         self._restored_from: str | None = None
@@ -127,8 +136,15 @@ class SyntheticStore:
 
     @ray.method(**_WRITE)
     def add(self, images: np.ndarray, labels: np.ndarray | None = None,
-            features: np.ndarray | None = None) -> int:
-        """Append a batch; returns the number of images now held."""
+            features: np.ndarray | None = None, token: tuple[str, int] | None = None) -> int:
+        """Append a batch; returns the number of images now held. `token` = (writer, n): the
+        writer's n-th add (n counts from 1), applied once however often it arrives."""
+        if token is not None:
+            writer, number = token
+            if self._applied.get(writer, 0) >= number:
+                self._counters["repeated_adds"] = self._counters.get("repeated_adds", 0) + 1
+                return len(self._bank)
+            self._applied[writer] = number
         images = _as_array("images", images, np.uint8, 4)
         labels = None if labels is None else _as_array("labels", labels, np.int64, 1)
         features = None if features is None else _as_array("features", features, np.float32, 2)
@@ -254,6 +270,7 @@ class SyntheticStore:
             "capacity_features": int(state["capacity_features"]),
             "counters": dict(self._counters),
             "rng": self._rng.bit_generator.state,  # a restored store draws on as this one would
+            "applied": dict(self._applied),  # a re-sent add it holds is not applied again
         }
         arrays = {k: np.ascontiguousarray(state[k]) for k in ("images", "labels", "features")}
         path = directory / SNAPSHOT_FILE
@@ -290,6 +307,7 @@ class SyntheticStore:
         self.load_state_arrays({**arrays, "capacity_images": meta["capacity_images"],
                                 "capacity_features": meta["capacity_features"]})
         self._counters.update(meta.get("counters", {}))
+        self._applied = {str(k): int(v) for k, v in meta.get("applied", {}).items()}
         if "rng" in meta:
             self._rng.bit_generator.state = meta["rng"]
         self._adds_since_snapshot = 0
@@ -313,14 +331,15 @@ def _actor_class():
 
 def create_store(name: str | None = None, capacity_images: int | None = None,
                  capacity_features: int | None = None, snapshot_dir: str | None = None,
-                 snapshot_every: int = 0, num_cpus: float = 0, max_restarts: int = -1,
+                 snapshot_every: int = 0, num_cpus: float = 0, max_restarts: int = 10,
                  seed: int | None = None, namespace: str | None = None):
     """Start a SyntheticStore actor and return its handle (ray.init() must have run).
 
     `num_cpus=0`: the store only copies bytes between requests, so it reserves no core
     and coexists with CPU-bound trainer/synthesizer actors that take them all.
-    `max_restarts=-1` restarts it forever after a crash or kill; give a `snapshot_dir`
-    so the restarted store comes back with the last snapshot. `name` registers it
+    After a crash or kill Ray restarts it, up to `max_restarts` times (-1: forever), and
+    the calls in flight wait for it; give a `snapshot_dir` so the restarted store comes
+    back with the last snapshot. `name` registers it
     (fetch it elsewhere with `ray.get_actor(name)`).
     """
     options = dict(num_cpus=num_cpus, max_restarts=max_restarts)
@@ -351,9 +370,12 @@ class StoreBank:
         self.prefetch = prefetch
         self._pending: deque = deque()  # sample refs in flight, all of size _pending_n
         self._pending_n = None
+        self._writer, self._adds = uuid.uuid4().hex, 0  # this bank's add numbers (see `add`)
 
-    def __getstate__(self):  # requests in flight stay with the process that made them
-        return {**self.__dict__, "_pending": deque(), "_pending_n": None}
+    def __getstate__(self):
+        # Requests in flight stay with the process that made them; a copy in another process
+        # writes under a name of its own.
+        return {**self.__dict__, "_pending": deque(), "_pending_n": None, "_writer": uuid.uuid4().hex, "_adds": 0}
 
     def _get(self, ref):
         return ray.get(ref, timeout=self.timeout)
@@ -378,7 +400,10 @@ class StoreBank:
         def array(t):
             return None if t is None else t.detach().cpu().contiguous().numpy()
 
-        return self._get(self.store.add.remote(array(images_uint8), array(labels), array(features)))
+        # Numbered, so that a re-send after the store restarts adds the batch once.
+        self._adds += 1
+        return self._get(self.store.add.remote(array(images_uint8), array(labels), array(features),
+                                               token=(self._writer, self._adds)))
 
     def sample(self, n: int) -> torch.Tensor:
         if not self.prefetch:
