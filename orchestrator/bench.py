@@ -222,7 +222,33 @@ class BenchRecorder:
                                            tags={"kind": "bench", "bench.out": self.out}, params={
             "methods": args.methods, "datasets": args.datasets, "seeds": args.seeds, "budget": args.budget,
             "mode": args.mode, "argv": argv or "(defaults)", **({"guide": args.guide} if args.guide else {})})
-        self.bar = None
+        # The bar counts rounds (a synthesis round and its KD steps) over every cell to run, so
+        # it moves every few seconds and its ETA is the bench's; a cell on a 2-core machine
+        # takes minutes. Position per stream, keyed by its first cell.
+        self.bar, self.bar_done, self.bar_totals = None, {}, {}
+
+    def open_bar(self, streams: list) -> None:
+        from orchestrator.core.loop import rounds_per_epoch
+
+        self.bar_totals = {s.specs[0].key: s.specs[0].config.epochs * rounds_per_epoch(s.specs[0].config)
+                           for s in streams}
+        self.bar = tqdm(total=sum(self.bar_totals.values()), desc="rounds", unit="round", dynamic_ncols=True)
+
+    def rounds_at(self, key: CellKey, done: int) -> None:
+        """The stream of `key` has finished `done` rounds (restored epochs included)."""
+        with self.lock:
+            step = done - self.bar_done.get(key, 0)
+            if step > 0:
+                self.bar_done[key] = done
+                self.bar.update(step)
+
+    def progress_of(self, stream):
+        key = stream.specs[0].key
+
+        def progress(phase: str, done: int, total: int) -> None:
+            self.rounds_at(key, done)
+            self.bar.set_postfix_str(f"{key.method} s{key.seed}: {phase}", refresh=False)
+        return progress
 
     def cell_started(self, spec: CellSpec, history) -> str:
         with self.lock:
@@ -256,8 +282,8 @@ class BenchRecorder:
                                                           for name in VERIFIED_FILES})
                 self.tracker.finish(result.run_id, {"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"),
                                     tags={"status": status})
-        if self.bar is not None and status != "interrupted":  # an interrupted cell is not done
-            self.bar.update(1)
+        if self.bar is not None and status == "finished":
+            self.rounds_at(result.key, self.bar_totals.get(result.key, 0))
         self.log(f"[{result.key.slug}] {status}: {summary['accuracy']:.2f}% in {result.wall_seconds:.0f}s")
 
 
@@ -299,14 +325,15 @@ def run_cells(plan: Plan, streams: list, args, recorder: BenchRecorder, metas: d
     from orchestrator.runtime.driver import StreamRunner, run_streams
 
     resources, concurrent, device = sizing
-    recorder.bar = tqdm(total=sum(len(s.specs) for s in streams), desc="cells", unit="cell", dynamic_ncols=True)
+    recorder.open_bar(streams)
 
     def done(result: CellResult) -> None:
         result.teacher_accuracy = metas[(result.key.dataset, result.key.teacher)]["accuracy"]
         recorder.cell_done(result)
 
     runners = [StreamRunner(s, plan.out, resources, device, publish_every=args.publish_every, resume=args.resume,
-                            on_cell_start=recorder.cell_started, on_epoch=recorder.epoch, log=recorder.log)
+                            on_cell_start=recorder.cell_started, on_epoch=recorder.epoch, log=recorder.log,
+                            progress=recorder.progress_of(s))
                for s in streams]
     results = run_streams(runners, concurrent, on_done=done, log=recorder.log, slots=slots)
     recorder.bar.close()
