@@ -145,9 +145,9 @@ def floor_seconds(what: str, scope: dict, steps: int) -> tuple[float, float, flo
     from torch.utils.flop_counter import FlopCounterMode
 
     from methods import place
+    from models import create_generator
 
     count_fused_convolutions()
-    from models import create_generator
 
     spec, teacher, student, cfg = scope["build"](what, 1)
     b = cfg.synthesis_batch_size if what != "kd" else cfg.batch_size

@@ -33,16 +33,12 @@ META_FILE = "store.json"
 FORMAT = "dfkd-synthetic-store/1"
 
 # If the store dies under a call, Ray re-sends it to the restarted actor (which comes back
-# from its last snapshot) instead of failing the synthesizer or the trainer. Ray delivers a
-# re-sent call at least once, not exactly once: an `add` that reaches the actor while it
-# restarts can run there and be sent again (seen on a slower machine: one batch twice in
-# the bank). So each `StoreBank` numbers its adds, and the store applies each number once;
-# the numbers applied are part of the snapshot, so an add lost with the process (made after
-# the snapshot) is applied when it comes again. A repeated read changes nothing held; it
-# only advances the sampling RNG.
-# A call waits for the restart however long it takes (on a slower CPU, three quick retries
-# ran out before the store was back, and the stream fell back to its last checkpoint); a
-# store that keeps dying ends after `create_store`'s `max_restarts`, and its calls fail then.
+# from its last snapshot) instead of failing the synthesizer or the trainer; the call waits
+# for the restart however long it takes (three quick retries ran out on a slower CPU), and a
+# store that keeps dying ends after `create_store`'s `max_restarts`. Ray delivers a re-sent
+# call at least once, not exactly once, so each `StoreBank` numbers its adds and the store
+# applies each number once; the numbers applied are in the snapshot, so an add lost with the
+# process is applied when it comes again. A repeated read only advances the sampling RNG.
 _READ = dict(max_task_retries=-1)
 _WRITE = dict(max_task_retries=-1)
 
@@ -144,12 +140,13 @@ class SyntheticStore:
             if self._applied.get(writer, 0) >= number:
                 self._counters["repeated_adds"] = self._counters.get("repeated_adds", 0) + 1
                 return len(self._bank)
-            self._applied[writer] = number
         images = _as_array("images", images, np.uint8, 4)
         labels = None if labels is None else _as_array("labels", labels, np.int64, 1)
         features = None if features is None else _as_array("features", features, np.float32, 2)
         self._bank.add(_tensor(images), None if labels is None else _tensor(labels),
                        None if features is None else _tensor(features))
+        if token is not None:  # recorded once the batch is in: a refused batch is not "applied"
+            self._applied[token[0]] = token[1]
         self._counters["adds"] += 1
         self._counters["images_added"] += len(images)
         self._adds_since_snapshot += 1
