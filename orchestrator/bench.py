@@ -21,6 +21,7 @@ import json
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -363,8 +364,14 @@ def main(argv=None) -> int:
 def run_bench(plan: Plan, args, streams: list, reused: list, finished: dict, tracker, log):
     """Everything after the plan, under the output folder's lock: Ray, the cells, the
     tables, the MLflow parent run (closed on every way out)."""
-    ray, metas, sizing, slots = prepare_ray(plan, streams, args, log)
-    tracker = tracker or Tracker(plan.uri, args.experiment, artifact_root=plan.out / "mlartifacts")
+    # The MLflow store opens (importing mlflow, creating a new store's tables: 5-8 s on the Zen 3
+    # machine) while Ray starts, which mostly waits for its own processes. Only the store and
+    # the experiment: no run opens before the classifiers are there.
+    with ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(Tracker, plan.uri, args.experiment, artifact_root=plan.out / "mlartifacts") \
+            if tracker is None else None
+        ray, metas, sizing, slots = prepare_ray(plan, streams, args, log)
+        tracker = tracker or opening.result()
     if args.resume and (closed := tracker.close_abandoned("bench.out", str(plan.out))):
         log(f"marked {closed} run(s) KILLED that a bench which died had left RUNNING")
     recorder = BenchRecorder(tracker, " ".join(sys.argv[1:]), args, plan.out, log)

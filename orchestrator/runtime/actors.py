@@ -26,10 +26,6 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
-# torch.optim imports torch._dynamo on the first optimizer a process builds (1.2 s on this
-# machine, most of a new actor's setup). Imported here, it loads while Ray starts the actor
-# process, which the bench does ahead of the first stream (ActorSlots.prestart).
-import torch._dynamo  # noqa: F401
 
 from methods import from_uint8, place, to_uint8
 from orchestrator.core.cell import (CellSpec, grid_images, load_teacher, make_student, make_synthesizer,
@@ -49,8 +45,18 @@ def _rng_state() -> torch.Tensor:
     return torch.get_rng_state()  # a tensor: the state file loads with weights_only=True
 
 
+class _ActorProcess:
+    def __init__(self):
+        # torch.optim imports torch._dynamo on the first optimizer a process builds (1.2 s on
+        # the Intel machine, 2.6 s on the Zen 3 one: most of a new actor's setup). Imported when
+        # the actor is created, it loads while the driver still prepares (the bench creates its
+        # actors ahead of the first stream, ActorSlots.prestart); not at module import, since
+        # the driver imports this module too and never builds an optimizer.
+        import torch._dynamo  # noqa: F401
+
+
 @ray.remote
-class SynthesizerActor:
+class SynthesizerActor(_ActorProcess):
     def setup(self, spec: CellSpec, students: list[str], store, device: str = "cpu",
               threads: int = 1) -> tuple[bool, bool]:
         """Takes the cell of a (new) stream; returns whether the method plays against the
@@ -122,7 +128,7 @@ class SynthesizerActor:
 
 
 @ray.remote
-class TrainerActor:
+class TrainerActor(_ActorProcess):
     def setup(self, spec: CellSpec, store, device: str = "cpu", threads: int = 1) -> None:
         """Takes the cell of a (new) stream: its student, drawn from the cell's seed."""
         vars(self).clear()
