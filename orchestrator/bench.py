@@ -223,20 +223,21 @@ class BenchRecorder:
                                            tags={"kind": "bench", "bench.out": self.out}, params={
             "methods": args.methods, "datasets": args.datasets, "seeds": args.seeds, "budget": args.budget,
             "mode": args.mode, "argv": argv or "(defaults)", **({"guide": args.guide} if args.guide else {})})
-        # The bar counts rounds (a synthesis round and its KD steps) over every cell to run, so
-        # it moves every few seconds and its ETA is the bench's; a cell on a 2-core machine
-        # takes minutes. Position per stream, keyed by its first cell.
+        # The bar counts steps (synthesis and KD, orchestrator/core/loop.py: steps_done) over
+        # every cell to run, so it moves every few seconds and its ETA is the bench's. Steps,
+        # not rounds or cells: the methods' rounds differ 13x in time, their steps 1.6x.
+        # Position per stream, keyed by its first cell.
         self.bar, self.bar_done, self.bar_totals = None, {}, {}
 
     def open_bar(self, streams: list) -> None:
-        from orchestrator.core.loop import rounds_per_epoch
+        from orchestrator.core.loop import rounds_per_epoch, steps_done
 
-        self.bar_totals = {s.specs[0].key: s.specs[0].config.epochs * rounds_per_epoch(s.specs[0].config)
-                           for s in streams}
-        self.bar = tqdm(total=sum(self.bar_totals.values()), desc="rounds", unit="round", dynamic_ncols=True)
+        self.bar_totals = {s.specs[0].key: steps_done(s.specs[0].config, s.specs[0].config.epochs *
+                                                      rounds_per_epoch(s.specs[0].config)) for s in streams}
+        self.bar = tqdm(total=sum(self.bar_totals.values()), desc="steps", unit="step", dynamic_ncols=True)
 
-    def rounds_at(self, key: CellKey, done: int) -> None:
-        """The stream of `key` has finished `done` rounds (restored epochs included)."""
+    def steps_at(self, key: CellKey, done: int) -> None:
+        """The stream of `key` has taken `done` steps (restored epochs included)."""
         with self.lock:
             step = done - self.bar_done.get(key, 0)
             if step > 0:
@@ -244,10 +245,12 @@ class BenchRecorder:
                 self.bar.update(step)
 
     def progress_of(self, stream):
-        key = stream.specs[0].key
+        from orchestrator.core.loop import steps_done
 
-        def progress(phase: str, done: int, total: int) -> None:
-            self.rounds_at(key, done)
+        key, config = stream.specs[0].key, stream.specs[0].config
+
+        def progress(phase: str, rounds: int, total: int) -> None:
+            self.steps_at(key, steps_done(config, rounds, phase))
             self.bar.set_postfix_str(f"{key.method} s{key.seed}: {phase}", refresh=False)
         return progress
 
@@ -284,7 +287,7 @@ class BenchRecorder:
                 self.tracker.finish(result.run_id, {"finished": "FINISHED", "interrupted": "KILLED"}.get(status, "FAILED"),
                                     tags={"status": status})
         if self.bar is not None and status == "finished":
-            self.rounds_at(result.key, self.bar_totals.get(result.key, 0))
+            self.steps_at(result.key, self.bar_totals.get(result.key, 0))
         self.log(f"[{result.key.slug}] {status}: {summary['accuracy']:.2f}% in {result.wall_seconds:.0f}s")
 
 

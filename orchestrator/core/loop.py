@@ -537,6 +537,22 @@ def rounds_per_epoch(config) -> int:
     return max(config.ep_steps // config.kd_steps, 1)
 
 
+def steps_done(config, rounds: int, phase: str = "synthesis") -> int:
+    """The synthesis and KD steps a cell has taken when its round number `rounds` (counted
+    from 0 over all epochs) begins `phase` ("synthesis" or "kd"); with `rounds` = epochs x
+    rounds_per_epoch, the cell's total. Warm-up epochs take synthesis steps only.
+
+    The bench's progress unit. Rounds were: a round of DAFL (1 + 5 steps) takes ~7 s on a
+    2-core Zen 3, one of CMI (20 + 50) ~100 s, so a bar over rounds that started on DAFL
+    promised a 45-minute bench in 14. A step of the default cells takes 0.9-1.4 s there
+    (docs/results/speed.md, session 14)."""
+    warm = min(rounds, config.warmup_epochs * rounds_per_epoch(config))
+    done = rounds * config.g_steps + (rounds - warm) * config.kd_steps
+    if phase == "kd":  # this round's synthesis is done (a warm-up round has no KD phase)
+        done += config.g_steps
+    return done
+
+
 def epochs_done(state_path: Path) -> int:
     """Epochs a cell's resume state has finished (0 when there is none)."""
     if not Path(state_path).exists():
