@@ -23,6 +23,7 @@ from benchmarks.datasets import load_split
 from orchestrator.cli import (ArgumentParser, UsageError, add_data_args, add_guide_arg, parse_device, parse_sets,
                               resolve_teacher, run_cli)
 from orchestrator.core.cell import CellKey, CellSpec, check_cell, check_guide, run_in_process
+from orchestrator.core.loop import rounds_per_epoch, steps_done
 
 
 def build_parser() -> ArgumentParser:
@@ -65,17 +66,25 @@ def main(argv=None) -> int:
                               log=write)
     spec = CellSpec.build(key, overrides, teacher, args.data_root)
     print(f"cell {key.slug}\nconfig {json.dumps(spec.config_dict())}", flush=True)
-    bar = tqdm(total=spec.config.epochs, unit="epoch", disable=args.no_progress, dynamic_ncols=True, leave=False)
+    # Over synthesis and KD steps, as the bench's bar (orchestrator/core/loop.py: steps_done):
+    # it moves every second or two where an epoch can take minutes.
+    cfg, rounds = spec.config, rounds_per_epoch(spec.config)
+    bar = tqdm(total=steps_done(cfg, cfg.epochs * rounds), desc="steps", unit="step", disable=args.no_progress,
+               dynamic_ncols=True, leave=False)
+
+    def progress(phase: str, done_rounds: int, total: int) -> None:
+        bar.update(steps_done(cfg, done_rounds, phase) - bar.n)
 
     def on_epoch(epoch: int, m: dict) -> None:
-        bar.update(1)
+        bar.update(steps_done(cfg, epoch * rounds) - bar.n)
         write(f"epoch {epoch}/{spec.config.epochs}  acc {m['accuracy']:.2f}%  kd {m.get('kd/loss', float('nan')):.4f}"
               f"  synth total {m.get('synth/total', float('nan')):.4f}  (synthesis {m['synthesis_seconds']:.0f}s, "
               f"KD {m['kd_seconds']:.0f}s)")
 
     result = run_in_process(spec, Path(args.out) / key.slug, device, resume=not args.fresh,
                             init_bank=Path(args.init_bank) if args.init_bank else None,
-                            save_bank_to=Path(args.save_bank) if args.save_bank else None, on_epoch=on_epoch, log=write)
+                            save_bank_to=Path(args.save_bank) if args.save_bank else None, on_epoch=on_epoch,
+                            progress=progress, log=write)
     bar.close()
     print(final_line(result))
     return 0 if result.history.status == "finished" else 1
