@@ -544,7 +544,7 @@ def steps_done(config, rounds: int, phase: str = "synthesis") -> int:
 
     The bench's progress unit. Rounds were: a round of DAFL (1 + 5 steps) takes ~7 s on a
     2-core Zen 3, one of CMI (20 + 50) ~100 s, so a bar over rounds that started on DAFL
-    promised a 45-minute bench in 14. A step of the default cells takes 0.9-1.4 s there
+    promised a 40-minute bench in 14. A step of the default cells takes 0.8-1.4 s there
     (docs/results/speed.md, session 14)."""
     warm = min(rounds, config.warmup_epochs * rounds_per_epoch(config))
     done = rounds * config.g_steps + (rounds - warm) * config.kd_steps
