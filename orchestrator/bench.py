@@ -230,10 +230,9 @@ class BenchRecorder:
         self.bar, self.bar_done, self.bar_totals = None, {}, {}
 
     def open_bar(self, streams: list) -> None:
-        from orchestrator.core.loop import rounds_per_epoch, steps_done
+        from orchestrator.core.loop import cell_steps
 
-        self.bar_totals = {s.specs[0].key: steps_done(s.specs[0].config, s.specs[0].config.epochs *
-                                                      rounds_per_epoch(s.specs[0].config)) for s in streams}
+        self.bar_totals = {s.specs[0].key: cell_steps(s.specs[0].config) for s in streams}
         self.bar = tqdm(total=sum(self.bar_totals.values()), desc="steps", unit="step", dynamic_ncols=True)
 
     def steps_at(self, key: CellKey, done: int) -> None:

@@ -42,7 +42,7 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     at the end (`gc.freeze`) before exiting: the interpreter's last garbage collections then
     skip them. With torch, Ray and MLflow loaded that is about 700,000 objects, and those
     collections kept a finished bench's prompt waiting 3.6 s on a 2.45 GHz Zen 3 core
-    (0.6 s frozen; docs/results/test_suite.md). Nothing is left to collect by then: files
+    (0.6 s frozen; docs/results/speed.md, session 14). Nothing is left to collect by then: files
     are closed, runs ended and Ray stopped by `main` itself; atexit handlers still run."""
     import signal
 

@@ -23,7 +23,7 @@ from benchmarks.datasets import load_split
 from orchestrator.cli import (ArgumentParser, UsageError, add_data_args, add_guide_arg, parse_device, parse_sets,
                               resolve_teacher, run_cli)
 from orchestrator.core.cell import CellKey, CellSpec, check_cell, check_guide, run_in_process
-from orchestrator.core.loop import rounds_per_epoch, steps_done
+from orchestrator.core.loop import cell_steps, rounds_per_epoch, steps_done
 
 
 def build_parser() -> ArgumentParser:
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     # Over synthesis and KD steps, as the bench's bar (orchestrator/core/loop.py: steps_done):
     # it moves every second or two where an epoch can take minutes.
     cfg, rounds = spec.config, rounds_per_epoch(spec.config)
-    bar = tqdm(total=steps_done(cfg, cfg.epochs * rounds), desc="steps", unit="step", disable=args.no_progress,
+    bar = tqdm(total=cell_steps(cfg), desc="steps", unit="step", disable=args.no_progress,
                dynamic_ncols=True, leave=False)
 
     def progress(phase: str, done_rounds: int, total: int) -> None:

@@ -11,7 +11,6 @@ from mlflow.tracking import MlflowClient
 from methods import list_methods, make_config
 
 
-
 @pytest.fixture(scope="module")
 def env(tiny_mnist):
     return tiny_mnist
@@ -137,7 +136,7 @@ def test_the_bar_counts_every_synthesis_and_kd_step_of_a_cell_once(method):
     """steps_done, the bench bar's unit, walked through a `cpu` cell as the round loop reports
     it (warm-up epochs included): each round adds its synthesis steps at "kd" (or at the next
     round, in a warm-up epoch) and its KD steps at the next round; the total is the sum."""
-    from orchestrator.core.loop import rounds_per_epoch, steps_done
+    from orchestrator.core.loop import cell_steps, rounds_per_epoch, steps_done
 
     config = make_config(method, budget="cpu")
     rounds = rounds_per_epoch(config)
@@ -148,14 +147,13 @@ def test_the_bar_counts_every_synthesis_and_kd_step_of_a_cell_once(method):
         if not warm:
             assert steps_done(config, r, "kd") == seen[-1] + config.g_steps
         seen.append(seen[-1] + config.g_steps + (0 if warm else config.kd_steps))
-    assert steps_done(config, config.epochs * rounds) == seen[-1] > 0
+    assert steps_done(config, config.epochs * rounds) == cell_steps(config) == seen[-1] > 0
 
 
 def test_the_default_cells_steps():
     """make bench's three cells: 600, 1000 and 700 steps (100 DAFL rounds of 1 + 5, 10
     DeepInversion rounds of 50 + 50, 10 CMI rounds of 20 + 50), where rounds were 100, 10, 10."""
-    from orchestrator.core.loop import rounds_per_epoch, steps_done
+    from orchestrator.core.loop import cell_steps
 
-    totals = {m: steps_done(c, c.epochs * rounds_per_epoch(c))
-              for m, c in ((m, make_config(m, budget="cpu")) for m in ("dafl", "deepinv", "cmi"))}
+    totals = {m: cell_steps(make_config(m, budget="cpu")) for m in ("dafl", "deepinv", "cmi")}
     assert totals == {"dafl": 600, "deepinv": 1000, "cmi": 700}

@@ -553,6 +553,11 @@ def steps_done(config, rounds: int, phase: str = "synthesis") -> int:
     return done
 
 
+def cell_steps(config) -> int:
+    """All the synthesis and KD steps of a cell: the length of a progress bar over it."""
+    return steps_done(config, config.epochs * rounds_per_epoch(config))
+
+
 def epochs_done(state_path: Path) -> int:
     """Epochs a cell's resume state has finished (0 when there is none)."""
     if not Path(state_path).exists():
