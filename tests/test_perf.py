@@ -17,7 +17,8 @@ def test_step_benchmark_bad_input(argv, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [(["--method", "nosuch"], "unknown method"),
-                                          (["--set", "g_steps=0"], "g_steps")])
+                                          (["--set", "g_steps=0"], "g_steps"),
+                                          (["--pairs", "0"], "--pairs")])
 def test_cell_anatomy_bad_input(argv, needle, capsys, tmp_path):
     assert cell_anatomy.main([*argv, "--teacher-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -100,3 +101,21 @@ def test_flop_count_sees_the_inference_copys_fused_convolutions():
     step.count_fused_convolutions()  # a second call (a second benchmark row) registers nothing twice
     assert flops(fast) == flops(model) > 0
     assert POINTWISE is None or fused_count(fast) > 0  # traced on the first call: fused convs were counted
+
+
+def test_cell_anatomy_reports_each_pairs_ratio_and_their_mean_and_std(capsys):
+    def row(kd, synthesis, wall):
+        parts = {k: 0.0 for k in cell_anatomy.PARTS}
+        parts.update(kd_seconds=kd, synthesis_seconds=synthesis, other_seconds=0.0, wall_seconds=wall,
+                     invocation_seconds=wall, kd_per_step=kd / 10)
+        parts["outside_share"] = 1 - (kd + synthesis) / wall
+        return parts
+
+    pairs = [{"distill": row(10.0, 20.0, 40.0), "bench": row(11.0, 20.0, 40.0)},
+             {"distill": row(10.0, 20.0, 40.0), "bench": row(9.0, 20.0, 40.0)}]
+    cell_anatomy.report(pairs, "header")
+    lines = {line.split()[0] + (" " + line.split()[1] if line.startswith("KD") else ""): line
+             for line in capsys.readouterr().out.splitlines()[2:]}
+    assert lines["kd"].split()[1:] == ["10.0", "10.0", "1.10", "0.90", "1.00", "±", "0.14"]
+    assert lines["KD s/step"].split()[2:] == ["1.000", "1.000", "1.10", "0.90", "1.00", "±", "0.14"]
+    assert lines["outside"].endswith("distill 25.0% ± 0.0%, bench 25.0% ± 3.5% of the cell")
