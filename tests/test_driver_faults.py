@@ -4,7 +4,8 @@ with SIGTERM (what a scheduler or `kill` sends), then `--resume`; that one kille
 SIGKILL, then `--resume` again. After each stop no Ray process is left running; each
 resume continues the half-done cell after its last finished epoch; the MLflow runs of the
 stopped drivers end KILLED, never RUNNING or FINISHED; the last resume finishes the cell with
-every epoch recorded once. The actor- and store-level faults are in tests/test_store.py."""
+every epoch recorded once. Its actors run at the driver's priority. The actor- and store-level
+faults are in tests/test_store.py."""
 from __future__ import annotations
 
 import json
@@ -41,6 +42,22 @@ def ray_processes(proc: subprocess.Popen) -> list[psutil.Process]:
     return [c for c in children if "orchestrator.runtime.reaper" not in " ".join(c.cmdline())]
 
 
+def actor_thread_niceness(proc: subprocess.Popen) -> dict[str, set[int]]:
+    """The nice value of every thread of the driver's synthesizer and trainer actors (a
+    thread's own: setpriority on a PID reaches only its first thread)."""
+    found = {}
+    for p in ray_processes(proc):
+        try:
+            role = p.name().split(".")[0]  # ray::TrainerActor.kd_round -> ray::TrainerActor
+            if role in ("ray::SynthesizerActor", "ray::TrainerActor"):
+                for t in p.threads():
+                    stat = Path(f"/proc/{p.pid}/task/{t.id}/stat").read_text().rsplit(")", 1)[1].split()
+                    found.setdefault(role, set()).add(int(stat[16]))  # field 19 of proc(5): nice
+        except (psutil.Error, OSError):
+            pass  # a thread that ended between the listing and the read
+    return found
+
+
 def stop_and_check_nothing_is_left(proc: subprocess.Popen, sig: int, log: Path) -> int:
     ray = ray_processes(proc)
     assert any("raylet" in " ".join(p.cmdline()) for p in ray), "no local Ray node under the driver"
@@ -62,6 +79,10 @@ def test_ctrl_c_then_kill_9_then_resume_continues_and_leaves_nothing_behind(tiny
     log1 = tmp_path / "1.log"
     proc = start(env, out, log1)
     wait_for(lambda: epochs_logged(log1) >= 1, 180, "epoch 1", proc)
+    # The actors compute at the driver's priority, not Ray's default nice 15 for workers
+    # (runtime/cluster.py: LOCAL_SYSTEM_CONFIG).
+    driver = os.getpriority(os.PRIO_PROCESS, proc.pid)
+    assert actor_thread_niceness(proc) == {"ray::SynthesizerActor": {driver}, "ray::TrainerActor": {driver}}
     code = stop_and_check_nothing_is_left(proc, signal.SIGINT, log1)
     assert code != 0 and "Traceback" not in log1.read_text(), log1.read_text()[-3000:]
     assert json.loads((cell / "history.json").read_text())["status"] == "interrupted"

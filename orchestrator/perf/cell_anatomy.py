@@ -89,7 +89,8 @@ def report(pairs: list[dict[str, dict]], header: str) -> None:
         b = [p["bench"][name] for p in pairs]
         ratios = [y / x if x > 0 else float("nan") for x, y in zip(a, b)]
         digits = 3 if "per_step" in name else 1
-        label = name.removesuffix("_seconds").replace("kd_per_step", "KD s/step")
+        label = (name.removesuffix("_seconds").replace("kd_per_step", "KD s/step")
+                 .replace("_epoch_2+", ", epoch 2+"))
         cells = " ".join(f"{r:.2f}" for r in ratios) + ("" if n == 1 else f"   {mean_std(ratios)}")
         print(f"{label:<22}{statistics.fmean(a):>10.{digits}f}{statistics.fmean(b):>10.{digits}f}   {cells}")
     share = {path: [p[path]["outside_share"] for p in pairs] for path in PATHS}

@@ -39,6 +39,14 @@ def check_address(address: str | None) -> None:
                          f"start one with `ray start --head --node-ip-address 127.0.0.1` or drop --address") from None
 
 
+# Ray starts its workers at nice 15 so that its daemons stay responsive. On a machine whose
+# cores the cells fill, every wake-up of a daemon or of the driver (nice 0) then preempts one
+# of an actor's compute threads mid-region while its OpenMP partner waits at the barrier:
+# bench steps ran 1.10-1.17x slower than distill's (docs/results/speed.md, session 15). A local
+# Ray of ours hosts only our actors, so they run at the priority `distill` runs at. A cluster
+# started with `ray start` keeps its own setting (RAY_worker_niceness=0 there does the same).
+LOCAL_SYSTEM_CONFIG = {"worker_niceness": 0}
+
 _watcher = None  # orchestrator/runtime/reaper.py; referenced so its pipe stays open while we live
 
 
@@ -60,7 +68,7 @@ def start_ray(address: str | None):
             global _watcher
             _watcher = _watcher or start_watcher()  # a Ray of our own: stopped with us, however we end
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     **options)
+                     _system_config=LOCAL_SYSTEM_CONFIG, **options)
     except Exception as exc:  # ConnectionError, a timed-out raylet, ...: one message, no traceback
         raise UsageError(f"cannot start or join Ray at {address or 'local'}: "
                          f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}") from None
