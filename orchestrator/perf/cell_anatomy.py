@@ -52,24 +52,25 @@ def run_path(path: str, spec) -> dict[str, float]:
     """One cell through one strategy, in this process."""
     import torch
 
-    out = Path(tempfile.mkdtemp(prefix=f"cell_anatomy_{path}_"))
     steps = spec.config.epochs * spec.config.ep_steps
     later = (spec.config.epochs - 1) * spec.config.ep_steps
-    tick = time.perf_counter()
-    if path == "bench":
-        import ray
+    with tempfile.TemporaryDirectory(prefix=f"cell_anatomy_{path}_") as tmp:  # the cell's files are not kept
+        out = Path(tmp)
+        tick = time.perf_counter()
+        if path == "bench":
+            import ray
 
-        from orchestrator.runtime.cluster import start_ray
-        from orchestrator.runtime.driver import Resources, Stream, StreamRunner
-        start_ray(None)
-        (result,) = StreamRunner(Stream([spec]), out, Resources(1.0, 0.0, os.cpu_count() or 1), "cpu",
-                                 log=lambda *_: None).run()
-        ray.shutdown()
-    else:
-        from orchestrator.core.cell import run_in_process
-        torch.set_num_threads(os.cpu_count() or 1)
-        result = run_in_process(spec, out, "cpu", resume=False, log=lambda *_: None)
-    return anatomy(result, time.perf_counter() - tick, steps, later)
+            from orchestrator.runtime.cluster import start_ray
+            from orchestrator.runtime.driver import Resources, Stream, StreamRunner
+            start_ray(None)
+            (result,) = StreamRunner(Stream([spec]), out, Resources(1.0, 0.0, os.cpu_count() or 1), "cpu",
+                                     log=lambda *_: None).run()
+            ray.shutdown()
+        else:
+            from orchestrator.core.cell import run_in_process
+            torch.set_num_threads(os.cpu_count() or 1)
+            result = run_in_process(spec, out, "cpu", resume=False, log=lambda *_: None)
+        return anatomy(result, time.perf_counter() - tick, steps, later)
 
 
 def mean_std(values: list[float]) -> str:
